@@ -1,0 +1,95 @@
+"""`peer-dist` command line: prepare | train | eval | bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from peer_dist.errors import EXIT_USER_ERROR, UserError
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from peer_dist.data import prepare
+
+    manifest = prepare(
+        args.inputs, args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
+        samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction, seed=args.seed,
+        max_bytes=args.max_bytes, overwrite=args.overwrite,
+    )
+    print(f"prepared {args.output}: {manifest.summary()}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from peer_dist.config import load_config
+    from peer_dist.train.trainer import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    run_training(cfg)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from peer_dist.train.evaluation import run_eval
+
+    run_eval(args.checkpoint, data_path=args.data, batch_size=args.batch_size, max_batches=args.batches,
+             device=args.device)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    return args.bench_run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peer-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="text -> WebDataset token shards + manifest")
+    p.add_argument("inputs", nargs="*", help="text files, folders or globs (default: Python's standard library source)")
+    p.add_argument("--output", "-o", required=True, help="output folder for shards, manifest and tokenizer")
+    p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (ignored for byte)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training sample")
+    p.add_argument("--samples-per-shard", type=int, default=1024)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-bytes", type=int, default=None, help="cap on the corpus size in bytes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train", help="train a model (one process, or every rank under torchrun/srun/mpirun)")
+    p.add_argument("--config", "-c", default=None, help="TOML or YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.d_model=128 train.max_steps=50")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="validation loss, perplexity and expert metrics of a checkpoint")
+    p.add_argument("checkpoint", help="run folder, its checkpoints/ folder, or one step_NNNNNN folder")
+    p.add_argument("--data", default=None, help="prepared data folder (default: the one the run trained on)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batches", type=int, default=None, help="validation batches per rank (default: all)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
+    bench = p.add_subparsers(dest="bench", required=True)
+    from peer_dist.bench import layer
+
+    b = bench.add_parser("layer", help="PEER layer vs naive Algorithm 1 vs dense FFW: time and peak memory")
+    layer.add_arguments(b)
+    b.set_defaults(func=_bench, bench_run=layer.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"peer-dist {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Typed configuration: nested dataclasses, a TOML/YAML file, dotted CLI overrides.
+
+Merge order: defaults < file < command-line overrides (``model.d_model=128``).
+Unknown keys and bad values raise :class:`~peer_dist.errors.ConfigError` naming the
+key and what is allowed. The resolved config is written into the run folder, and
+its hash (:func:`config_hash`) identifies the run for resume checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peer_dist.errors import ConfigError
+
+
+def _choice(default: Any, choices: tuple[Any, ...]) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+def _at_least(default: Any, minimum: float) -> Any:
+    return field(default=default, metadata={"min": minimum})
+
+
+@dataclass
+class PEERConfig:
+    """The PEER layer (paper section 2; defaults are the paper's: N = 1024², h = 8, k = 16)."""
+
+    num_experts: int = _at_least(1024 * 1024, 1)
+    heads: int = _at_least(8, 1)
+    topk: int = _at_least(16, 1)
+    d_key: int = _at_least(128, 2)
+    activation: str = _choice("gelu", ("gelu", "relu"))
+    query_norm: str = _choice("batchnorm", ("batchnorm", "layernorm", "none"))
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer; ``ffn`` picks the feed-forward kind of the blocks in ``ffn_blocks``."""
+
+    vocab_size: int = _at_least(0, 0)  # 0: take it from the prepared data's tokenizer
+    d_model: int = _at_least(256, 8)
+    n_layers: int = _at_least(4, 1)
+    n_heads: int = _at_least(4, 1)
+    d_ff: int = _at_least(1024, 1)  # hidden width of the dense FFN blocks
+    mlp: str = _choice("gelu", ("gelu", "swiglu"))
+    ffn: str = _choice("peer", ("peer", "dense"))
+    # Which blocks use `ffn` (the rest are dense): "middle" (the paper), "all", "none" or a list of block indices.
+    ffn_blocks: str | list[int] = "middle"
+    tie_embeddings: bool = True
+    rope_theta: float = _at_least(10000.0, 1.0)
+    init_std: float = _at_least(0.02, 0.0)
+    peer: PEERConfig = field(default_factory=PEERConfig)
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/stdlib-byte"  # folder written by `peer-dist prepare`
+    num_workers: int = _at_least(0, 0)
+    bad_shard: str = _choice("error", ("error", "skip"))
+    verify: bool = True  # check every shard's size and sha256 against the manifest
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = _at_least(8, 1)  # samples per rank per micro-step
+    grad_accum: int = _at_least(1, 1)
+    max_steps: int = _at_least(200, 1)
+    lr: float = _at_least(1e-3, 0.0)
+    min_lr_ratio: float = _at_least(0.1, 0.0)  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = _at_least(20, 0)
+    weight_decay: float = _at_least(0.1, 0.0)
+    beta1: float = _at_least(0.9, 0.0)
+    beta2: float = _at_least(0.95, 0.0)
+    eps: float = _at_least(1e-8, 0.0)
+    grad_clip: float = _at_least(1.0, 0.0)  # 0 disables clipping
+    zero_stage: int = _choice(0, (0, 1, 2))
+    precision: str = _choice("fp32", ("fp32", "bf16"))
+    seed: int = 0
+    log_interval: int = _at_least(10, 1)
+    eval_interval: int = _at_least(100, 0)  # 0: only at the end
+    eval_batches: int = _at_least(20, 1)  # per rank
+    ckpt_interval: int = _at_least(0, 0)  # 0: only at the end
+    device: str = _choice("auto", ("auto", "cpu", "cuda"))
+    backend: str = _choice("auto", ("auto", "gloo", "nccl"))
+    progress: bool = True  # progress bar on rank 0
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = "runs"  # the run folder is <dir>/<name>
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults < file (TOML or YAML) < ``section.key=value`` overrides; validated."""
+    raw: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
+    for item in overrides:
+        key, value = _split_override(item)
+        _set_dotted(raw, key, value)
+    cfg = from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {path}: unknown format {path.suffix!r}; allowed: .toml, .yaml, .yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} does not parse: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of sections, got {type(data).__name__}")
+    return data
+
+
+class _CliText(str):
+    """An override's text; parsed against the field's type in :func:`_coerce`."""
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. model.d_model=128)")
+    key, text = item.split("=", 1)
+    return key.strip(), _CliText(text.strip())
+
+
+def _parse_cli(text: str, option: Any) -> Any:
+    """Parse override text as ``option`` (a type); raises ValueError when it does not fit."""
+    if option is str:
+        return str(text)
+    if option is bool:
+        lowered = text.lower()
+        if lowered not in ("true", "false"):
+            raise ValueError(text)
+        return lowered == "true"
+    if option in (int, float):
+        return option(text)
+    parsed = yaml.safe_load(text)  # lists: [1, 2]
+    if not isinstance(parsed, list):
+        raise ValueError(text)
+    return parsed
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(raw: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from nested dicts; unknown keys and wrong types are ConfigErrors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]} ({where} allows: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {prefix}{name} is a section; set its keys, e.g. {prefix}{name}.<key>=...")
+            kwargs[name] = from_dict(value, hint, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, hint)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the field type; ints are accepted for floats."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if isinstance(value, _CliText):
+        # Try the more specific types first so "[1, 2]" is a list and "128" an int, not a str.
+        for option in sorted(options, key=lambda o: o is str):
+            try:
+                value = _parse_cli(value, typing.get_origin(option) or option)
+                break
+            except (ValueError, yaml.YAMLError):
+                continue
+    for option in options:
+        origin = typing.get_origin(option)
+        if origin is list:
+            (item_type,) = typing.get_args(option)
+            if isinstance(value, list) and all(_is_type(v, item_type) for v in value):
+                return list(value)
+        elif _is_type(value, option):
+            return float(value) if option is float else value
+    allowed = " or ".join(_type_name(o) for o in options)
+    raise ConfigError(f"config key {key} = {value!r}: expected {allowed}")
+
+
+def _is_type(value: Any, typ: Any) -> bool:
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typ)
+
+
+def _type_name(option: Any) -> str:
+    if typing.get_origin(option) is list:
+        return f"a list of {typing.get_args(option)[0].__name__}"
+    return "a number" if option is float else getattr(option, "__name__", str(option))
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Per-field choices and minimums, then cross-field rules."""
+    _validate_fields(cfg, "")
+    m = cfg.model
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"model.d_model / model.n_heads = {m.d_model // m.n_heads} must be even (RoPE rotates pairs)")
+    resolve_ffn_blocks(m.ffn_blocks, m.n_layers)
+    if not 0 <= cfg.train.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio={cfg.train.min_lr_ratio} must be between 0 and 1")
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise ConfigError(f"run.name={cfg.run.name!r} must be a non-empty folder name without '/'")
+
+
+def _validate_fields(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _validate_fields(value, f"{key}.")
+            continue
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"config key {key} = {value!r}: allowed values are {', '.join(map(repr, choices))}")
+        minimum = f.metadata.get("min")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"config key {key} = {value!r}: must be >= {minimum}")
+
+
+def resolve_ffn_blocks(spec: str | list[int], n_layers: int) -> list[int]:
+    """Block indices that get ``model.ffn``: "middle" is block n_layers // 2 (the paper's choice)."""
+    if isinstance(spec, list):
+        bad = [i for i in spec if not 0 <= i < n_layers]
+        if bad:
+            raise ConfigError(f"model.ffn_blocks has block index {bad[0]}; allowed: 0..{n_layers - 1}")
+        return sorted(set(spec))
+    table = {"middle": [n_layers // 2], "all": list(range(n_layers)), "none": []}
+    if spec not in table:
+        raise ConfigError(f"model.ffn_blocks = {spec!r}: allowed are 'middle', 'all', 'none' or a list of block indices")
+    return table[spec]
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# Keys that may change between a run and its resume without mixing incompatible runs.
+RESUME_SAFE_KEYS = (
+    "run", "train.max_steps", "train.log_interval", "train.eval_interval", "train.eval_batches",
+    "train.ckpt_interval", "train.progress", "data.num_workers", "data.verify", "data.path",
+)
+
+
+def config_hash(cfg: Config) -> str:
+    """sha256 (16 hex digits) of the config minus :data:`RESUME_SAFE_KEYS`; a resume
+    whose hash differs from the checkpoint's would mix incompatible runs."""
+    data = to_dict(cfg)
+    for key in RESUME_SAFE_KEYS:
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node.pop(leaf)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dump_toml(cfg: Config) -> str:
+    """Serialise to TOML (the resolved config written into the run folder)."""
+    lines: list[str] = []
+
+    def emit(section: str, data: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        if scalars:
+            lines.append(f"[{section}]")
+            lines.extend(f"{k} = {json.dumps(v)}" for k, v in scalars.items())
+            lines.append("")
+        for k, v in data.items():
+            if isinstance(v, dict):
+                emit(f"{section}.{k}", v)
+
+    for name, section in to_dict(cfg).items():
+        emit(name, section)
+    return "\n".join(lines)

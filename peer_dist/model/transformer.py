@@ -1,0 +1,189 @@
+"""Decoder-only transformer with a configurable feed-forward kind per block.
+
+Shape suffixes used in this file:
+    B  batch            T  sequence length      D  d_model
+    H  attention heads  K  head dim (D // H)    F  dense FFN width
+    V  vocabulary
+
+Pre-norm blocks (RMSNorm), rotary position embeddings, causal attention through
+``torch.nn.functional.scaled_dot_product_attention``, optional tied embeddings.
+The FFN of each block is ``dense`` (GELU MLP or SwiGLU) or ``peer``; which blocks
+get the configured kind is ``model.ffn_blocks`` (default: the middle block, as in
+the paper). Parallelism is applied from outside (``peer_dist.parallel``): nothing
+here knows about process groups.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peer_dist.config import ModelConfig, resolve_ffn_blocks
+from peer_dist.model.peer import PEER
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        # Normalise in fp32 so bf16 activations do not lose the mean-square.
+        x = x_BTD.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x.type_as(x_BTD) * self.weight
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (T, K/2) for rotary embeddings (Su et al. 2021)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles_TK = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles_TK.cos(), angles_TK.sin()
+
+
+def apply_rope(x_BHTK: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs (x0, x1) of the head dim by the position angle."""
+    x1, x2 = x_BHTK.float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return rotated.type_as(x_BHTK)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention; separate q/k/v/o projections so tensor
+    parallelism can split them column-wise (q, k, v) and row-wise (o)."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.wq = nn.Linear(d_model, d_model, bias=False)
+        self.wk = nn.Linear(d_model, d_model, bias=False)
+        self.wv = nn.Linear(d_model, d_model, bias=False)
+        self.wo = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = x_BTD.shape
+        # The local head count follows the projection width, so a TP-split wq keeps working.
+        def heads(proj: nn.Linear) -> Tensor:
+            return proj(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+
+        q_BHTK, k_BHTK, v_BHTK = heads(self.wq), heads(self.wk), heads(self.wv)
+        q_BHTK, k_BHTK = apply_rope(q_BHTK, cos, sin), apply_rope(k_BHTK, cos, sin)
+        y_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, is_causal=True)
+        return self.wo(y_BHTK.transpose(1, 2).reshape(B, T, -1))
+
+    @property
+    def head_dim(self) -> int:
+        return self.wq.in_features // self.n_heads
+
+
+class DenseMLP(nn.Module):
+    """GELU MLP (D -> F -> D) or SwiGLU (Shazeer 2020: (silu(x W_g) * x W_in) W_out)."""
+
+    def __init__(self, d_model: int, d_ff: int, kind: str = "gelu") -> None:
+        super().__init__()
+        self.kind = kind
+        self.fc_in = nn.Linear(d_model, d_ff, bias=False)
+        self.fc_gate = nn.Linear(d_model, d_ff, bias=False) if kind == "swiglu" else None
+        self.fc_out = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        if self.fc_gate is not None:
+            return self.fc_out(F.silu(self.fc_gate(x_BTD)) * self.fc_in(x_BTD))
+        return self.fc_out(F.gelu(self.fc_in(x_BTD)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, ffn_kind: str) -> None:
+        super().__init__()
+        self.ffn_kind = ffn_kind
+        self.attn_norm = RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.n_heads)
+        self.ffn_norm = RMSNorm(cfg.d_model)
+        self.ffn = build_ffn(cfg, ffn_kind)
+
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+        return x_BTD + self.ffn(self.ffn_norm(x_BTD))
+
+
+def build_ffn(cfg: ModelConfig, kind: str) -> nn.Module:
+    if kind == "dense":
+        return DenseMLP(cfg.d_model, cfg.d_ff, cfg.mlp)
+    if kind == "peer":
+        p = cfg.peer
+        return PEER(
+            cfg.d_model, p.num_experts, heads=p.heads, topk=p.topk, d_key=p.d_key,
+            activation=p.activation, query_norm=p.query_norm,
+        )
+    raise ValueError(f"unknown ffn kind {kind!r}")  # config validation rejects this earlier
+
+
+class TransformerLM(nn.Module):
+    """tokens (B, T) int64 -> logits (B, T, V)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        special = set(resolve_ffn_blocks(cfg.ffn_blocks, cfg.n_layers))
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            Block(cfg, cfg.ffn if i in special else "dense") for i in range(cfg.n_layers)
+        )
+        self.norm = RMSNorm(cfg.d_model)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self._init_weights()
+        self._rope_cache: tuple[int, torch.device, Tensor, Tensor] | None = None
+
+    def _init_weights(self) -> None:
+        # GPT-2 style: N(0, std) everywhere, residual output projections scaled by
+        # 1/sqrt(2 * n_layers) so the residual stream variance does not grow with depth.
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks:
+            for linear in (block.attn.wq, block.attn.wk, block.attn.wv):
+                nn.init.normal_(linear.weight, std=std)
+            nn.init.normal_(block.attn.wo.weight, std=residual_std)
+            if isinstance(block.ffn, DenseMLP):
+                nn.init.normal_(block.ffn.fc_in.weight, std=std)
+                if block.ffn.fc_gate is not None:
+                    nn.init.normal_(block.ffn.fc_gate.weight, std=std)
+                nn.init.normal_(block.ffn.fc_out.weight, std=residual_std)
+            # PEER layers keep their own initialisation (see peer_dist.model.peer).
+
+    def _rope(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        cache = self._rope_cache
+        if cache is None or cache[0] < seq_len or cache[1] != device:
+            head_dim = self.cfg.d_model // self.cfg.n_heads
+            cos, sin = rope_tables(max(seq_len, 1), head_dim, self.cfg.rope_theta, device)
+            self._rope_cache = cache = (seq_len, device, cos, sin)
+        return cache[2][:seq_len], cache[3][:seq_len]
+
+    def forward(self, tokens_BT: Tensor) -> Tensor:
+        cos, sin = self._rope(tokens_BT.shape[1], tokens_BT.device)
+        x_BTD = self.embed(tokens_BT)
+        for block in self.blocks:
+            x_BTD = block(x_BTD, cos, sin)
+        x_BTD = self.norm(x_BTD)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x_BTD, weight)
+
+    def peer_layers(self) -> list[tuple[str, PEER]]:
+        """(qualified name, module) of every PEER layer, in block order."""
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, PEER)]
+
+
+def lm_loss(logits_BTV: Tensor, targets_BT: Tensor) -> Tensor:
+    """Mean next-token cross entropy over all B*T positions (computed in fp32)."""
+    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> TransformerLM:
+    return TransformerLM(cfg, vocab_size)

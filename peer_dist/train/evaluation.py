@@ -1,0 +1,57 @@
+"""`peer-dist eval`: validation loss, perplexity and expert metrics of a checkpoint.
+
+Needs no DeepSpeed engine: the model is rebuilt from the checkpoint's config and its
+full state dict. Runs as one process or under any launcher (the validation set is
+split over the ranks and the sums are all-reduced).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import torch.distributed as dist
+
+from peer_dist.checkpoint.store import load_module_state, resolve_checkpoint
+from peer_dist.config import from_dict, validate
+from peer_dist.data import Manifest, val_batches
+from peer_dist.errors import CheckpointError, DataError
+from peer_dist.log import get_logger, setup_logging
+from peer_dist.model import build_model
+from peer_dist.parallel.env import detect_env, init_distributed, pick_backend, pick_device
+from peer_dist.train.metrics import evaluate
+
+
+def run_eval(checkpoint: str | Path, data_path: str | None = None, batch_size: int | None = None,
+             max_batches: int | None = None, device: str = "auto") -> dict[str, float]:
+    env = detect_env()
+    setup_logging(env.rank)
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg = from_dict(tomllib.loads((ckpt.path / "config.toml").read_text()))
+    validate(cfg)
+    data_dir = data_path or cfg.data.path
+    manifest = Manifest.load(data_dir)
+    state = ckpt.trainer_state()
+    if data_path is None and state.get("data_fingerprint") not in (None, manifest.fingerprint):
+        raise DataError(f"data at {data_dir} is not the data the checkpoint was trained on "
+                        "(manifest fingerprints differ); pass --data to evaluate on other data on purpose")
+    torch_device = pick_device(device, env)
+    init_distributed(env, pick_backend("auto", torch_device))
+    model = build_model(cfg.model, cfg.model.vocab_size or manifest.vocab_size)
+    missing, unexpected = model.load_state_dict(load_module_state(ckpt), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {ckpt.path} does not match its config: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    model.to(torch_device)
+    batches = val_batches(data_dir, rank=env.rank, world=env.world,
+                          batch_size=batch_size or cfg.train.micro_batch_size, max_batches=max_batches)
+    metrics = evaluate(model, batches, torch_device)
+    metrics["step"] = float(ckpt.step)
+    get_logger().info("evaluated %s", ckpt.path)
+    if env.is_main:
+        print(f"checkpoint: {ckpt.path}")
+        print(f"validation loss {metrics['val/loss']:.4f}  perplexity {metrics['val/perplexity']:.3f}")
+        print("metrics: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}))
+    dist.destroy_process_group()
+    return metrics

@@ -1,0 +1,230 @@
+"""The training loop: read it top to bottom.
+
+    set-up (launcher env, process group, data manifest, model, DeepSpeed engine)
+    -> resume from the newest good checkpoint of the run folder, if any
+    -> for each step: grad_accum micro-steps of forward/backward, one optimizer step
+       (DeepSpeed), periodic logging, validation and checkpoints
+    -> final validation and checkpoint; the summary names the perplexity and log folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from peer_dist.checkpoint.store import latest_good, load_engine_state, save_checkpoint
+from peer_dist.config import Config, config_hash, dump_toml
+from peer_dist.data import Manifest, TrainStream, val_batches
+from peer_dist.errors import CheckpointError, ConfigError
+from peer_dist.log import get_logger, setup_logging
+from peer_dist.model import build_model, lm_loss
+from peer_dist.parallel.data_parallel import sync_query_norms
+from peer_dist.parallel.env import DistEnv, detect_env, init_distributed, pick_backend, pick_device
+from peer_dist.train.engine import build_engine
+from peer_dist.train.metrics import MetricsWriter, evaluate
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict[str, float]
+    run_dir: Path
+    tensorboard_dir: Path
+    losses: list[tuple[int, float]]  # (step, mean training loss of the log interval ending there)
+
+
+@dataclass
+class _Setup:
+    env: DistEnv
+    device: torch.device
+    manifest: Manifest
+    model: torch.nn.Module
+    engine: Any
+    writer: MetricsWriter | None = None  # created once resume has checked the run folder
+
+
+def run_training(cfg: Config) -> TrainResult:
+    """Train ``cfg`` in this process; every rank of the job calls it."""
+    setup = _set_up(cfg)
+    try:
+        return _train(cfg, setup)
+    finally:
+        if setup.writer is not None:
+            setup.writer.close()
+
+
+def _set_up(cfg: Config) -> _Setup:
+    env = detect_env()
+    setup_logging(env.rank)
+    device = pick_device(cfg.train.device, env)
+    init_distributed(env, pick_backend(cfg.train.backend, device))
+    manifest = Manifest.load(cfg.data.path)
+    vocab = cfg.model.vocab_size or manifest.vocab_size
+    if vocab < manifest.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the data's tokenizer vocabulary "
+                          f"({manifest.vocab_size}); use 0 to take it from the data")
+    seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
+    model = build_model(cfg.model, vocab).to(device)
+    if env.world > 1:
+        sync_query_norms(model)
+    engine = build_engine(model, cfg, dp_world=env.world)
+    return _Setup(env, device, manifest, model, engine)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
+    """Restore the newest good checkpoint of the run folder; refuse one from another run."""
+    expected = {"config_hash": config_hash(cfg), "data_fingerprint": setup.manifest.fingerprint,
+                "world": setup.env.world}
+    ckpt = latest_good(cfg.run_dir / "checkpoints")
+    if ckpt is None:
+        return {"step": 0, "consumed_samples": 0, "consumed_tokens": 0}
+    state = ckpt.trainer_state()
+    for key, value in expected.items():
+        if state.get(key) != value:
+            raise CheckpointError(
+                f"run folder {cfg.run_dir} holds a checkpoint ({ckpt.path.name}) with {key}={state.get(key)!r}, "
+                f"this run has {key}={value!r}; resume it with the same config/data/world size, "
+                f"or pick a new run.name"
+            )
+    load_engine_state(ckpt, setup.engine)
+    get_logger().info("resumed from %s (step %d)", ckpt.path, state["step"])
+    return state
+
+
+def _train(cfg: Config, setup: _Setup) -> TrainResult:
+    log, t, env, engine = get_logger(), cfg.train, setup.env, setup.engine
+    state = _resume(cfg, setup)
+    if env.is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.toml").write_text(dump_toml(cfg))
+    setup.writer = MetricsWriter(cfg.run_dir / "tensorboard", cfg.run_dir / "metrics.jsonl", enabled=env.is_main,
+                                 tensorboard=cfg.run.tensorboard)
+    seq_len = setup.manifest.seq_len
+    global_batch = t.micro_batch_size * t.grad_accum * env.world
+    stream = TrainStream(
+        cfg.data.path, rank=env.rank, world=env.world, micro_batch_size=t.micro_batch_size,
+        grad_accum=t.grad_accum, seed=t.seed, start_step=state["step"], num_workers=cfg.data.num_workers,
+        bad_shard=cfg.data.bad_shard, verify=cfg.data.verify,
+    )
+    batches = iter(stream)
+    log.info("training %s: world %d, global batch %d x %d tokens, steps %d..%d",
+             cfg.run.name, env.world, global_batch, seq_len, state["step"], t.max_steps)
+    progress = _progress_bar(cfg, env, state["step"])
+    losses: list[tuple[int, float]] = []
+    interval_loss = torch.zeros(2, dtype=torch.float64, device=setup.device)  # [loss sum, steps]
+    interval_start = time.perf_counter()
+    step = state["step"]
+    while step < t.max_steps:
+        step_loss = _train_step(engine, batches, t.grad_accum, setup.device)
+        step += 1
+        interval_loss += torch.stack([step_loss.double(), torch.ones((), dtype=torch.float64, device=setup.device)])
+        state = _advance(state, global_batch, seq_len)
+        if step % t.log_interval == 0 or step == t.max_steps:
+            losses.append((step, _log_interval(setup, stream, interval_loss, interval_start, step, global_batch * seq_len)))
+            interval_loss.zero_()
+            interval_start = time.perf_counter()
+        if progress is not None:
+            progress.update(1)
+        if t.eval_interval and step % t.eval_interval == 0 and step < t.max_steps:
+            _validate(cfg, setup, step)
+        if t.ckpt_interval and step % t.ckpt_interval == 0 and step < t.max_steps:
+            _save(cfg, setup, state)
+    if progress is not None:
+        progress.close()
+    metrics = _validate(cfg, setup, step)
+    _save(cfg, setup, state)
+    result = TrainResult(step, metrics, cfg.run_dir, setup.writer.log_dir, losses)
+    _print_summary(result, env)
+    return result
+
+
+def _train_step(engine: Any, batches: Any, grad_accum: int, device: torch.device) -> torch.Tensor:
+    """grad_accum micro-steps; returns this rank's mean loss over them (a detached tensor)."""
+    total = torch.zeros((), device=device)
+    for _ in range(grad_accum):
+        batch = next(batches).to(device, non_blocking=True)  # (B, T + 1)
+        loss = lm_loss(engine(batch[:, :-1]), batch[:, 1:])
+        engine.backward(loss)  # DeepSpeed scales by 1 / grad_accum and averages grads over DP
+        engine.step()  # applies the update only at the accumulation boundary
+        total += loss.detach()
+    return total / grad_accum
+
+
+def _advance(state: dict[str, Any], global_batch: int, seq_len: int) -> dict[str, Any]:
+    return {"step": state["step"] + 1,
+            "consumed_samples": state["consumed_samples"] + global_batch,
+            "consumed_tokens": state["consumed_tokens"] + global_batch * seq_len}
+
+
+def _log_interval(setup: _Setup, stream: Any, interval_loss: torch.Tensor, start: float, step: int,
+                  tokens_per_step: int) -> float:
+    """Log the interval's mean loss (over its steps and all ranks); one host sync per interval."""
+    # Every rank's step loss is a mean over the same number of tokens, so summing
+    # [loss, 1] over steps and ranks and dividing gives the mean over the global batches.
+    dist.all_reduce(interval_loss)
+    loss_sum, count = interval_loss.tolist()  # NOTE: host sync (once per log interval)
+    steps = round(count / setup.env.world)
+    elapsed = time.perf_counter() - start
+    lr = setup.engine.get_lr()[0]
+    values = {"train/loss": loss_sum / count, "train/lr": lr,
+              "train/tokens_per_s": tokens_per_step * steps / elapsed}
+    grad_norm = setup.engine.get_global_grad_norm()
+    if grad_norm is not None:
+        values["train/grad_norm"] = float(grad_norm)
+    values.update({f"data/{k}": float(v) for k, v in stream.stats.items()})
+    setup.writer.scalars(values, step)
+    get_logger().info("step %d  loss %.4f  lr %.2e  tok/s %.0f", step, values["train/loss"], lr,
+                      values["train/tokens_per_s"])
+    return values["train/loss"]
+
+
+def _validate(cfg: Config, setup: _Setup, step: int) -> dict[str, float]:
+    env = setup.env
+    batches = val_batches(cfg.data.path, rank=env.rank, world=env.world, batch_size=cfg.train.micro_batch_size,
+                          max_batches=cfg.train.eval_batches)
+    metrics = evaluate(setup.engine.module, batches, setup.device)
+    setup.writer.scalars(metrics, step)
+    get_logger().info("step %d  validation loss %.4f  perplexity %.2f", step, metrics["val/loss"],
+                      metrics["val/perplexity"])
+    return metrics
+
+
+def _save(cfg: Config, setup: _Setup, state: dict[str, Any]) -> None:
+    trainer_state = dict(state, config_hash=config_hash(cfg), data_fingerprint=setup.manifest.fingerprint,
+                         world=setup.env.world)
+    save_checkpoint(cfg.run_dir / "checkpoints", state["step"], setup.engine, trainer_state, dump_toml(cfg),
+                    keep=3)
+
+
+def _progress_bar(cfg: Config, env: DistEnv, start: int) -> Any:
+    if not (env.is_main and cfg.train.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.train.max_steps, initial=start, desc=cfg.run.name, unit="step", dynamic_ncols=True)
+
+
+def _print_summary(result: TrainResult, env: DistEnv) -> None:
+    if not env.is_main:
+        return
+    summary = {"step": result.step, "val_loss": round(result.metrics["val/loss"], 4),
+               "val_perplexity": round(result.metrics["val/perplexity"], 3),
+               "run_dir": str(result.run_dir), "tensorboard": str(result.tensorboard_dir)}
+    summary.update({k: round(v, 4) for k, v in result.metrics.items() if k.startswith("experts/")})
+    print(f"validation perplexity: {summary['val_perplexity']}  (loss {summary['val_loss']})")
+    print(f"TensorBoard logs: {result.tensorboard_dir}   (tensorboard --logdir {result.tensorboard_dir})")
+    print("summary: " + json.dumps(summary))
