@@ -82,6 +82,8 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0) -> No
     """
     if dist.is_initialized():
         return
+    # DeepSpeed reads these itself (it asserts LOCAL_RANK), whatever launched us.
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world), LOCAL_RANK=str(env.local_rank))
     if env.launcher == "single":
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

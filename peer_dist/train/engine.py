@@ -22,7 +22,8 @@ def deepspeed_config(train: TrainConfig, dp_world: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.micro_batch_size * train.grad_accum * dp_world,
-        "gradient_clipping": train.grad_clip,
+        # ZeRO-0 in fp32 clips without reporting the norm: there we clip ourselves.
+        "gradient_clipping": 0.0 if clips_manually(train) else train.grad_clip,
         "zero_optimization": {"stage": train.zero_stage},
         # We pass a torch AdamW (there is no fused CPU Adam); DeepSpeed must be told
         # that ZeRO may partition a client optimizer.
@@ -31,6 +32,21 @@ def deepspeed_config(train: TrainConfig, dp_world: int) -> dict[str, Any]:
         "steps_per_print": 1 << 30,  # our own logging reports progress
         "wall_clock_breakdown": False,
     }
+
+
+def clips_manually(train: TrainConfig) -> bool:
+    """True when the trainer (not DeepSpeed) clips and measures the gradient norm."""
+    return train.zero_stage == 0 and train.precision == "fp32"
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global L2 grad norm over all parameters; clipped to ``max_norm`` (0: measure only).
+
+    Called after the last micro-step's backward (gradients already averaged over
+    data-parallel ranks by DeepSpeed) and before the optimizer step.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -11,8 +11,6 @@ import json
 import tomllib
 from pathlib import Path
 
-import torch.distributed as dist
-
 from peer_dist.checkpoint.store import load_module_state, resolve_checkpoint
 from peer_dist.config import from_dict, validate
 from peer_dist.data import Manifest, val_batches
@@ -53,5 +51,4 @@ def run_eval(checkpoint: str | Path, data_path: str | None = None, batch_size: i
         print(f"checkpoint: {ckpt.path}")
         print(f"validation loss {metrics['val/loss']:.4f}  perplexity {metrics['val/perplexity']:.3f}")
         print("metrics: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}))
-    dist.destroy_process_group()
     return metrics

@@ -28,7 +28,7 @@ from peer_dist.log import get_logger, setup_logging
 from peer_dist.model import build_model, lm_loss
 from peer_dist.parallel.data_parallel import sync_query_norms
 from peer_dist.parallel.env import DistEnv, detect_env, init_distributed, pick_backend, pick_device
-from peer_dist.train.engine import build_engine
+from peer_dist.train.engine import build_engine, clip_gradients, clips_manually
 from peer_dist.train.metrics import MetricsWriter, evaluate
 
 
@@ -106,7 +106,7 @@ def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
 
 
 def _train(cfg: Config, setup: _Setup) -> TrainResult:
-    log, t, env, engine = get_logger(), cfg.train, setup.env, setup.engine
+    log, t, env = get_logger(), cfg.train, setup.env
     state = _resume(cfg, setup)
     if env.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,12 +129,13 @@ def _train(cfg: Config, setup: _Setup) -> TrainResult:
     interval_start = time.perf_counter()
     step = state["step"]
     while step < t.max_steps:
-        step_loss = _train_step(engine, batches, t.grad_accum, setup.device)
+        step_loss, grad_norm = _train_step(cfg, setup, batches)
         step += 1
         interval_loss += torch.stack([step_loss.double(), torch.ones((), dtype=torch.float64, device=setup.device)])
         state = _advance(state, global_batch, seq_len)
         if step % t.log_interval == 0 or step == t.max_steps:
-            losses.append((step, _log_interval(setup, stream, interval_loss, interval_start, step, global_batch * seq_len)))
+            losses.append((step, _log_interval(setup, stream, interval_loss, interval_start, step,
+                                               global_batch * seq_len, grad_norm)))
             interval_loss.zero_()
             interval_start = time.perf_counter()
         if progress is not None:
@@ -152,16 +153,22 @@ def _train(cfg: Config, setup: _Setup) -> TrainResult:
     return result
 
 
-def _train_step(engine: Any, batches: Any, grad_accum: int, device: torch.device) -> torch.Tensor:
-    """grad_accum micro-steps; returns this rank's mean loss over them (a detached tensor)."""
-    total = torch.zeros((), device=device)
-    for _ in range(grad_accum):
-        batch = next(batches).to(device, non_blocking=True)  # (B, T + 1)
+def _train_step(cfg: Config, setup: _Setup, batches: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """grad_accum micro-steps and one update; returns (this rank's mean loss, grad norm or None)."""
+    engine, accum = setup.engine, cfg.train.grad_accum
+    total = torch.zeros((), device=setup.device)
+    grad_norm = None
+    for micro in range(accum):
+        batch = next(batches).to(setup.device, non_blocking=True)  # (B, T + 1)
         loss = lm_loss(engine(batch[:, :-1]), batch[:, 1:])
         engine.backward(loss)  # DeepSpeed scales by 1 / grad_accum and averages grads over DP
+        if micro == accum - 1 and clips_manually(cfg.train):
+            grad_norm = clip_gradients(engine.module, cfg.train.grad_clip)
         engine.step()  # applies the update only at the accumulation boundary
         total += loss.detach()
-    return total / grad_accum
+    if grad_norm is None:
+        grad_norm = engine.get_global_grad_norm()
+    return total / accum, grad_norm
 
 
 def _advance(state: dict[str, Any], global_batch: int, seq_len: int) -> dict[str, Any]:
@@ -171,7 +178,7 @@ def _advance(state: dict[str, Any], global_batch: int, seq_len: int) -> dict[str
 
 
 def _log_interval(setup: _Setup, stream: Any, interval_loss: torch.Tensor, start: float, step: int,
-                  tokens_per_step: int) -> float:
+                  tokens_per_step: int, grad_norm: Any) -> float:
     """Log the interval's mean loss (over its steps and all ranks); one host sync per interval."""
     # Every rank's step loss is a mean over the same number of tokens, so summing
     # [loss, 1] over steps and ranks and dividing gives the mean over the global batches.
@@ -182,8 +189,7 @@ def _log_interval(setup: _Setup, stream: Any, interval_loss: torch.Tensor, start
     lr = setup.engine.get_lr()[0]
     values = {"train/loss": loss_sum / count, "train/lr": lr,
               "train/tokens_per_s": tokens_per_step * steps / elapsed}
-    grad_norm = setup.engine.get_global_grad_norm()
-    if grad_norm is not None:
+    if grad_norm is not None:  # the norm of the interval's last step
         values["train/grad_norm"] = float(grad_norm)
     values.update({f"data/{k}": float(v) for k, v in stream.stats.items()})
     setup.writer.scalars(values, step)

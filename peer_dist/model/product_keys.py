@@ -1,0 +1,105 @@
+"""Exact product-key top-k retrieval (Lample et al. 2019; PEER, He 2024, sec. 2).
+
+Shape suffixes:
+    T  tokens    H  heads    K  topk    S  sub-keys per half (n = sqrt(N))
+    Q  d_key     C  half key dim (d_key // 2)    M  candidate pairs (see below)
+
+The N = S*S composite keys are k_{a,b} = [c_a ; c'_b], so
+q . k_{a,b} = q1 . c_a + q2 . c'_b. Two facts make retrieval exact and cheap:
+
+1. A pair (a, b) in the top-K over all N keys has a in the top-K of q1 . C and b
+   in the top-K of q2 . C' (otherwise K better pairs exist with the same b or a).
+2. With both side lists sorted descending, the pair of ranks (i, j) (0-based) is
+   beaten by every (i', j') with i' <= i, j' <= j: (i+1)(j+1) - 1 pairs. So only
+   the M pairs with (i+1)(j+1) <= K can be in the top-K: M = 50 for K = 16
+   instead of K^2 = 256, and the final top-K is over M candidates.
+
+Cost per head: O(S * d_key) for the side scores, O(S) for the side top-K, O(M)
+for the rest, instead of O(N * d_key) for brute force.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from peer_dist.model.expert_ops import ExpertRouting, bag_sum, segment_sum
+
+
+def candidate_ranks(topk: int) -> list[tuple[int, int]]:
+    """The M rank pairs (i, j), 0-based, with (i + 1) * (j + 1) <= topk."""
+    return [(i, j) for i in range(topk) for j in range(topk) if (i + 1) * (j + 1) <= topk]
+
+
+@functools.lru_cache(maxsize=64)
+def _candidate_rank_tensors(topk: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    # Cached per device: building them every call would be a host->device copy per forward.
+    pairs_M2 = torch.tensor(candidate_ranks(topk), dtype=torch.int64).to(device)
+    return pairs_M2[:, 0].contiguous(), pairs_M2[:, 1].contiguous()
+
+
+def product_key_topk(queries_THQ: Tensor, sub_keys_2SC: Tensor, topk: int) -> tuple[Tensor, Tensor]:
+    """Exact top-``topk`` composite keys for every (token, head) query.
+
+    Args:
+        queries_THQ: (T, H, d_key) queries; the first d_key/2 features are q1,
+            the rest q2.
+        sub_keys_2SC: (2, S, d_key/2) sub-key sets C (index 0) and C' (index 1).
+        topk: K, at most S.
+
+    Returns:
+        scores_THK: (T, H, K) composite scores q . k_id, differentiable w.r.t.
+            queries and sub-keys, in descending order.
+        ids_THK: (T, H, K) int64 GLOBAL expert ids a * S + b, i.e. rows of the
+            expert tables, never positions in the candidate list.
+    """
+    num_tokens, heads, d_key = queries_THQ.shape
+    _, num_sub, half = sub_keys_2SC.shape
+    if sub_keys_2SC.shape[0] != 2 or 2 * half != d_key:
+        raise ValueError(f"sub_keys must be (2, S, {d_key // 2}), got {tuple(sub_keys_2SC.shape)}")
+    if not 1 <= topk <= num_sub:
+        raise ValueError(f"topk must be in [1, {num_sub}], got {topk}")
+    q_R2C = queries_THQ.reshape(num_tokens * heads, 2, half)
+    side_scores, side_ids = [], []
+    for p in range(2):
+        top_scores_RK, top_ids_RK = SubKeyTopK.apply(q_R2C[:, p].contiguous(), sub_keys_2SC[p], topk)
+        side_scores.append(top_scores_RK)
+        side_ids.append(top_ids_RK)
+    rank_a, rank_b = _candidate_rank_tensors(topk, queries_THQ.device)
+    cand_RM = side_scores[0].index_select(1, rank_a) + side_scores[1].index_select(1, rank_b)
+    scores_RK, pos_RK = cand_RM.topk(topk, dim=-1, sorted=True)
+    a_RK = side_ids[0].gather(1, rank_a[pos_RK])
+    b_RK = side_ids[1].gather(1, rank_b[pos_RK])
+    ids_RK = a_RK * num_sub + b_RK
+    return scores_RK.view(num_tokens, heads, topk), ids_RK.view(num_tokens, heads, topk)
+
+
+class SubKeyTopK(torch.autograd.Function):
+    """Sorted top-K of scores = q (R, C) @ keys (S, C)^T per row; returns (scores, ids), both (R, K).
+
+    Autograd through ``topk`` would scatter the (R, K) gradient into a dense (R, S)
+    zero tensor and run two (R, S) matmuls. Only K of the S columns are non-zero,
+    so the backward here uses the expert-table primitives with sub-keys as rows:
+        grad_q[r]    = sum_k g[r, k] * keys[id[r, k]]        (bag-sum)
+        grad_keys[s] = sum over (r, k) with id == s of g[r, k] * q[r]   (segment sum)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q_RC: Tensor, keys_SC: Tensor, topk: int) -> tuple[Tensor, Tensor]:
+        scores_RS = q_RC @ keys_SC.t()  # transient; the largest tensor of retrieval
+        top_scores_RK, top_ids_RK = scores_RS.topk(topk, dim=-1, sorted=True)
+        ctx.save_for_backward(q_RC, keys_SC, top_ids_RK)
+        ctx.mark_non_differentiable(top_ids_RK)
+        return top_scores_RK, top_ids_RK
+
+    @staticmethod
+    def backward(ctx: Any, grad_scores_RK: Tensor, _grad_ids: Tensor | None) -> tuple[Tensor | None, ...]:
+        q_RC, keys_SC, top_ids_RK = ctx.saved_tensors
+        routing = ExpertRouting.build(top_ids_RK, keys_SC.shape[0])
+        grad_scores_RK = grad_scores_RK.contiguous()
+        grad_q = bag_sum(grad_scores_RK, keys_SC, routing) if ctx.needs_input_grad[0] else None
+        grad_keys = segment_sum(q_RC, grad_scores_RK, routing, keys_SC.dtype) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_keys, None

@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small prepared byte-level data set cut from the standard library source (the default corpus)."""
+    from peer_dist.data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "stdlib-tiny"
+    prepare([], out, tokenizer="byte", seq_len=32, samples_per_shard=64, val_fraction=0.1, seed=0,
+            max_bytes=200_000)
+    return out

@@ -1,0 +1,108 @@
+"""End-to-end training through DeepSpeed: data parallel == one process on the same global batch.
+
+Every run goes through the real CLI: one plain process, or torchrun --standalone on gloo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import final_weights, read_metrics, run_cli, train_losses
+
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
+    "model.peer.num_experts=256", "model.peer.heads=2", "model.peer.topk=4", "model.peer.d_key=16",
+    "train.max_steps=4", "train.warmup_steps=1", "train.log_interval=1", "train.eval_interval=0",
+    "train.eval_batches=2", "train.progress=false", "train.lr=3e-3",
+]
+
+
+def _train(tmp: Path, data: Path, name: str, *extra: str, nproc: int = 1) -> Path:
+    run_cli(["train", *TINY, f"data.path={data}", f"run.dir={tmp}", f"run.name={name}", *extra], nproc=nproc)
+    return tmp / name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """One process, micro-batch 8: the global batch of the 2-rank runs below."""
+    return _train(tmp_path_factory.mktemp("ref"), tiny_data, "ref", "train.micro_batch_size=8")
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+    ref_losses, losses = train_losses(reference), train_losses(run)
+    assert len(losses) == len(ref_losses) == 4
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    ref_w, w = final_weights(reference), final_weights(run)
+    assert ref_w.keys() == w.keys()
+    for name in ref_w:
+        torch.testing.assert_close(w[name].float(), ref_w[name].float(), rtol=1e-5, atol=1e-6, msg=name)
+    # The run actually moved the weights (so equality above is not the initial state twice).
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_data_parallel_equals_single_process(tmp_path: Path, tiny_data: Path, reference: Path,
+                                             zero_stage: int) -> None:
+    run = _train(tmp_path, tiny_data, f"dp-z{zero_stage}", "train.micro_batch_size=4",
+                 f"train.zero_stage={zero_stage}", nproc=2)
+    _assert_same_run(run, reference)
+    if zero_stage == 0:  # eval on 2 ranks reproduces the 2-rank run's own final validation
+        final = [r for r in read_metrics(run) if "val/loss" in r][-1]
+        assert _eval_loss(run, batches=2, batch_size=4, nproc=2) == pytest.approx(final["val/loss"], rel=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_grad_accum_equals_bigger_micro_batch(tmp_path: Path, tiny_data: Path, reference: Path) -> None:
+    # LayerNorm queries: BatchNorm statistics depend on the micro-batch by design.
+    ref = _train(tmp_path, tiny_data, "ref-ln", "train.micro_batch_size=8", "model.peer.query_norm=layernorm")
+    run = _train(tmp_path, tiny_data, "accum", "train.micro_batch_size=2", "train.grad_accum=2",
+                 "model.peer.query_norm=layernorm", nproc=2)
+    _assert_same_run(run, ref)
+
+
+@pytest.mark.timeout(300)
+def test_outputs_and_eval_reproduces_final_validation(tmp_path: Path, tiny_data: Path, reference: Path) -> None:
+    # The run folder holds the resolved config, TensorBoard events, metrics and a checkpoint.
+    assert (reference / "config.toml").is_file()
+    assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
+    rows = read_metrics(reference)
+    final = [r for r in rows if "val/loss" in r][-1]
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(rows[0])
+    assert "experts/blocks.1.ffn/expert_usage" in final and "experts/blocks.1.ffn/unevenness_kl" in final
+    assert 0 < final["experts/blocks.1.ffn/expert_usage"] <= 1
+    # `peer-dist eval` rebuilds the model without DeepSpeed and must agree.
+    assert _eval_loss(reference, batches=2, batch_size=8, nproc=1) == pytest.approx(final["val/loss"], rel=1e-5)
+
+
+def _eval_loss(run: Path, batches: int, batch_size: int, nproc: int) -> float:
+    out = run_cli(["eval", str(run), "--batches", str(batches), "--batch-size", str(batch_size)], nproc=nproc).stdout
+    return float(out.split("validation loss ")[1].split()[0])
+
+
+def test_missing_data_is_a_clear_error(tmp_path: Path) -> None:
+    proc = run_cli(["train", *TINY, f"data.path={tmp_path / 'nothing'}", f"run.dir={tmp_path}"], check=False)
+    assert proc.returncode == 2
+    assert str(tmp_path / "nothing") in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_override_is_a_clear_error(tmp_path: Path) -> None:
+    proc = run_cli(["train", "model.d_modle=3"], check=False)
+    assert proc.returncode == 2 and "unknown config key model.d_modle" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_resume_refuses_a_different_run(tmp_path: Path, tiny_data: Path, reference: Path) -> None:
+    import shutil
+
+    run = tmp_path / "ref"
+    shutil.copytree(reference, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = run_cli(["train", *TINY, f"data.path={tiny_data}", f"run.dir={tmp_path}", "run.name=ref",
+                    "train.micro_batch_size=8", "train.lr=0.1"], check=False)
+    assert proc.returncode == 2 and "config_hash" in proc.stderr, proc.stderr[-2000:]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
