@@ -234,3 +234,8 @@ def test_val_batches_errors(data: Path, tmp_path: Path) -> None:
     shard.write_bytes(shard.read_bytes()[:2048])
     with pytest.raises(DataError, match="val shard .*val-000000.tar"):
         list(val_batches(tmp_path / "data", rank=0, world=1, batch_size=4))
+    text = tmp_path / "one.txt"
+    text.write_text("some text " * 50)
+    prepare([str(text)], tmp_path / "noval", seq_len=SEQ_LEN, val_fraction=0.0)
+    with pytest.raises(DataError, match="no validation split"):
+        val_batches(tmp_path / "noval", rank=0, world=1, batch_size=4)

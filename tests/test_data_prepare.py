@@ -206,6 +206,13 @@ def test_refuses_to_overwrite(tmp_path: Path) -> None:
     assert files == [s.file for s in m.shards("train")] and len(files) < n_old  # stale shards removed
 
 
+def test_output_inside_an_input_folder_is_not_read(tmp_path: Path) -> None:
+    _write_corpus(tmp_path / "text")
+    first = prepare([str(tmp_path / "text")], tmp_path / "text" / "out", seq_len=16, val_fraction=0.2)
+    again = prepare([str(tmp_path / "text")], tmp_path / "text" / "out", seq_len=16, val_fraction=0.2, overwrite=True)
+    assert again.fingerprint == first.fingerprint  # manifest.json / shards of the first run were not read as text
+
+
 def test_user_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nope.txt.*does not exist"):
         prepare([str(tmp_path / "nope.txt")], tmp_path / "out")

@@ -19,7 +19,6 @@ The folder must be on a file system every rank sees (as for any multi-node train
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -34,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from peer_dist.errors import CheckpointError
+from peer_dist.fileio import fsync_dir, sha256_file, write_atomic
 from peer_dist.log import get_logger
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -84,14 +84,14 @@ def save_checkpoint(ckpt_root: Path, step: int, engine: Any, trainer_state: dict
 
 def _commit(tmp: Path, final: Path, ckpt_root: Path) -> None:
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {"files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    manifest = {"files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                           for p in files}}
-    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     if final.exists():  # a re-save of the same step (e.g. after a rollback) replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
-    _write_atomic(ckpt_root / "latest", final.name)
+    fsync_dir(ckpt_root)
+    write_atomic(ckpt_root / "latest", final.name)
     get_logger().info("checkpoint committed: %s (%d files)", final, len(files))
 
 
@@ -129,7 +129,7 @@ def verify(ckpt: Checkpoint) -> str | None:
             return f"missing file {rel}"
         if path.stat().st_size != meta["bytes"]:
             return f"file {rel} has {path.stat().st_size} bytes, manifest says {meta['bytes']}"
-        if _sha256(path) != meta["sha256"]:
+        if sha256_file(path) != meta["sha256"]:
             return f"file {rel} fails its sha256 check"
     return None
 
@@ -199,32 +199,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------------- file helpers
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -92,7 +92,7 @@ class QueryBatchNorm(nn.Module):
     def _update_running_stats(self, mean_F: Tensor, var_F: Tensor, count: Tensor) -> None:
         # Running var is unbiased (n / (n - 1)), like nn.BatchNorm1d; no update without tokens.
         unbiased_F = torch.where(count > 1, var_F * count / (count - 1).clamp_min(1.0), var_F)
-        momentum = (self.momentum * (count > 0)).to(self.running_mean.dtype)
+        momentum = (count > 0).to(self.running_mean.dtype) * self.momentum
         self.running_mean.lerp_(mean_F.to(self.running_mean.dtype), momentum)
         self.running_var.lerp_(unbiased_F.to(self.running_var.dtype), momentum)
         self.num_batches_tracked.add_(1)
