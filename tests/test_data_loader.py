@@ -239,3 +239,18 @@ def test_val_batches_errors(data: Path, tmp_path: Path) -> None:
     prepare([str(text)], tmp_path / "noval", seq_len=SEQ_LEN, val_fraction=0.0)
     with pytest.raises(DataError, match="no validation split"):
         val_batches(tmp_path / "noval", rank=0, world=1, batch_size=4)
+
+
+def test_pipe_location_reads_the_same_samples(data: Path) -> None:
+    """A webdataset ``pipe:`` location (here `cat`, in practice curl or a cloud CLI) streams the same data."""
+    remote = f"pipe:cat {data}/{{file}}"
+    assert Manifest.load(remote).fingerprint == Manifest.load(data).fingerprint
+    kwargs = dict(rank=0, world=1, micro_batch_size=5, seed=2)
+    for a, b in zip(_take(TrainStream(remote, **kwargs), 6), _take(TrainStream(data, **kwargs), 6), strict=True):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(val_batches(remote, rank=0, world=1, batch_size=4),
+                                                 val_batches(data, rank=0, world=1, batch_size=4), strict=True))
+    with pytest.raises(DataError, match=r"\{file\} placeholder"):
+        Manifest.load(f"pipe:cat {data}/manifest.json")
+    with pytest.raises(DataError, match=r"nowhere/manifest.json could not be read .*exit 1"):
+        Manifest.load(f"pipe:cat {data}/nowhere/{{file}}")
