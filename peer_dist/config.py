@@ -44,6 +44,28 @@ class PEERConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Coarse-grained MoE baseline (Switch / GLaM / Mixtral family): E dense-MLP experts, token-choice top-k."""
+
+    num_experts: int = _at_least(8, 1)
+    topk: int = _at_least(2, 1)
+    d_expert: int = _at_least(0, 0)  # hidden width of each expert MLP; 0: model.d_ff
+    aux_loss_coef: float = _at_least(0.01, 0.0)  # Switch load-balancing loss weight
+    z_loss_coef: float = _at_least(0.001, 0.0)  # ST-MoE router z-loss weight
+
+
+@dataclass
+class PKMConfig:
+    """Product-key memory baseline (Lample et al. 2019): a value table read with softmax weights."""
+
+    num_values: int = _at_least(1024 * 1024, 1)  # a perfect square n * n
+    heads: int = _at_least(8, 1)
+    topk: int = _at_least(16, 1)
+    d_key: int = _at_least(128, 2)
+    query_norm: str = _choice("batchnorm", ("batchnorm", "layernorm", "none"))
+
+
+@dataclass
 class ModelConfig:
     """Decoder-only transformer; ``ffn`` picks the feed-forward kind of the blocks in ``ffn_blocks``."""
 
@@ -53,13 +75,15 @@ class ModelConfig:
     n_heads: int = _at_least(4, 1)
     d_ff: int = _at_least(1024, 1)  # hidden width of the dense FFN blocks
     mlp: str = _choice("gelu", ("gelu", "swiglu"))
-    ffn: str = _choice("peer", ("peer", "dense"))
+    ffn: str = _choice("peer", ("peer", "dense", "moe", "pkm"))
     # Which blocks use `ffn` (the rest are dense): "middle" (the paper), "all", "none" or a list of block indices.
     ffn_blocks: str | list[int] = "middle"
     tie_embeddings: bool = True
     rope_theta: float = _at_least(10000.0, 1.0)
     init_std: float = _at_least(0.02, 0.0)
     peer: PEERConfig = field(default_factory=PEERConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    pkm: PKMConfig = field(default_factory=PKMConfig)
 
 
 @dataclass
@@ -96,6 +120,15 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Parallel layout (see peer_dist/parallel/layout.py): data parallel fills world / tp."""
+
+    ep: int = _at_least(1, 1)  # expert-parallel size: each PEER/MoE layer's experts split over ep ranks
+    tp: int = _at_least(1, 1)  # tensor-parallel size: attention and dense MLPs split over tp ranks (AutoTP)
+    expert_layout: str = _choice("permuted", ("permuted", "contiguous"))  # which rank owns which expert id
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     dir: str = "runs"  # the run folder is <dir>/<name>
@@ -108,6 +141,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -258,8 +292,24 @@ def validate(cfg: Config) -> None:
     resolve_ffn_blocks(m.ffn_blocks, m.n_layers)
     if not 0 <= cfg.train.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio={cfg.train.min_lr_ratio} must be between 0 and 1")
+    _validate_parallel(cfg)
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a non-empty folder name without '/'")
+
+
+def _validate_parallel(cfg: Config) -> None:
+    """Checks that need no world size (the layout itself is checked at launch)."""
+    m, par = cfg.model, cfg.parallel
+    has_special = bool(resolve_ffn_blocks(m.ffn_blocks, m.n_layers))
+    if par.ep > 1 and has_special and m.ffn == "peer" and m.peer.num_experts % par.ep:
+        raise ConfigError(f"model.peer.num_experts={m.peer.num_experts} must be divisible by parallel.ep={par.ep}")
+    if par.ep > 1 and has_special and m.ffn == "moe" and m.moe.num_experts % par.ep:
+        raise ConfigError(f"model.moe.num_experts={m.moe.num_experts} must be divisible by parallel.ep={par.ep}")
+    if m.ffn == "moe" and m.moe.topk > m.moe.num_experts:
+        raise ConfigError(f"model.moe.topk={m.moe.topk} must be at most model.moe.num_experts={m.moe.num_experts}")
+    if par.tp > 1:
+        if m.n_heads % par.tp or m.d_ff % par.tp:
+            raise ConfigError(f"parallel.tp={par.tp} must divide model.n_heads={m.n_heads} and model.d_ff={m.d_ff}")
 
 
 def _validate_fields(obj: Any, prefix: str) -> None:
@@ -301,6 +351,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 RESUME_SAFE_KEYS = (
     "run", "train.max_steps", "train.log_interval", "train.eval_interval", "train.eval_batches",
     "train.ckpt_interval", "train.progress", "data.num_workers", "data.verify", "data.path",
+    "parallel",  # the layout is checked against the checkpoint's separately (resharding decides)
 )
 
 

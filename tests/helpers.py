@@ -48,3 +48,27 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from peer_dist.checkpoint.store import load_module_state, resolve_checkpoint
 
     return load_module_state(resolve_checkpoint(run_dir))
+
+
+def assert_same_run(run: Path, reference: Path, steps: int = 4) -> None:
+    """Same losses and same final weights as the reference run (tight fp32 tolerances).
+
+    Losses: 1e-5 relative per step. Weights: per tensor, 1e-5 relative in norm and 1e-5
+    absolute per element. The element bound sits far below one optimizer step (lr 3e-3
+    moves a weight ~3e-3 per step under Adam) yet above the fp32 noise that Adam's
+    normalisation amplifies for gradients near zero, which differ in summation order.
+    """
+    ref_losses, losses = train_losses(reference), train_losses(run)
+    assert len(losses) == len(ref_losses) == steps
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    ref_w, w = final_weights(reference), final_weights(run)
+    assert ref_w.keys() == w.keys()
+    for name, ref in ref_w.items():
+        got = w[name].double()
+        ref = ref.double()
+        assert got.shape == ref.shape, name
+        diff = (got - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert diff <= 1e-5, f"{name}: relative difference {float(diff):.2e}"
+        assert (got - ref).abs().max() <= 1e-5, f"{name}: max abs difference {float((got - ref).abs().max()):.2e}"
+    # The run actually moved the weights (so equality above is not the initial state twice).
+    assert losses[-1] < losses[0]

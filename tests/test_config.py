@@ -34,7 +34,7 @@ def test_yaml_file(tmp_path: Path) -> None:
     ("model.dmodel=3", "model.dmodel"),
     ("nosection.x=1", "nosection"),
     ("train.zero_stage=3", "train.zero_stage"),
-    ("model.ffn=moe", "'peer', 'dense'"),
+    ("model.ffn=mixture", "'peer', 'dense', 'moe', 'pkm'"),
     ("train.lr=fast", "train.lr"),
     ("model.peer.heads=0", "model.peer.heads"),
     ("model.ffn_blocks=[7]", "model.ffn_blocks"),

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from peer_dist.errors import ConfigError
-from peer_dist.model.expert_ops import ExpertRouting, gather_dot, segment_sum
+from peer_dist.model.expert_ops import ExpertRouting, expert_mix, gather_dot, segment_sum
 from peer_dist.model.peer import PEER, QueryBatchNorm, usage_metrics
 from peer_dist.model.product_keys import candidate_ranks, product_key_topk
+from tests.references import all_composite_keys, LargestTensor, compare_with_reference, plant_slot, reference_retrieval
 
 SMALL = dict(d_model=16, num_experts=64, heads=2, topk=4, d_key=8)
 
@@ -22,27 +22,11 @@ SMALL = dict(d_model=16, num_experts=64, heads=2, topk=4, d_key=8)
 # ---- independent references ------------------------------------------------------------------
 
 
-def all_composite_keys(sub_keys: Tensor) -> Tensor:
-    """(2, n, d_key/2) -> (N, d_key): row a*n + b is [C[a]; C'[b]]."""
-    n = sub_keys.shape[1]
-    return torch.cat([sub_keys[0].repeat_interleave(n, dim=0), sub_keys[1].repeat(n, 1)], dim=1)
-
-
 def reference_peer(x: Tensor, p: dict[str, Tensor], cfg: dict) -> Tensor:
     """Paper Algorithm 1, brute force over all N keys, gathered (T, H, K, D) tables, einsum."""
-    heads, topk, d_key = cfg["heads"], cfg["topk"], cfg["d_key"]
-    x_TD = x.reshape(-1, x.shape[-1])
-    q = x_TD @ p["query.weight"].t()
-    if cfg["query_norm"] == "batchnorm":
-        q = F.batch_norm(q, None, None, p["query_norm.weight"], p["query_norm.bias"], training=True, eps=1e-5)
-    q = q.view(-1, heads, d_key)
-    if cfg["query_norm"] == "layernorm":
-        q = F.layer_norm(q, (d_key,), p["query_norm.weight"], p["query_norm.bias"], eps=1e-5)
-    scores_THN = torch.einsum("thq,nq->thn", q, all_composite_keys(p["sub_keys"]))
-    scores, ids = scores_THN.topk(topk, dim=-1)
-    gates = scores.softmax(dim=-1)
-    u = p["expert_u"][ids]
-    v = p["expert_v"][ids]
+    x_TD, gates, ids = reference_retrieval(x, p, cfg)
+    u = p["experts.u"][ids]
+    v = p["experts.v"][ids]
     z = torch.einsum("td,thkd->thk", x_TD, u)
     act = F.gelu(z) if cfg["activation"] == "gelu" else F.relu(z)
     return torch.einsum("thk,thkd->td", gates * act, v).view(x.shape)
@@ -96,21 +80,7 @@ def test_product_key_topk_with_adversarial_sides() -> None:
 
 
 def _compare_with_reference(model: PEER, cfg: dict, x: Tensor, rtol: float, atol: float) -> None:
-    ref_params = {n: p.detach().to(torch.float64).clone().requires_grad_() for n, p in model.named_parameters()}
-    x_ref = x.detach().to(torch.float64).clone().requires_grad_()
-    x = x.detach().clone().requires_grad_()
-    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
-
-    y = model(x)
-    y.backward(grad_out.to(y.dtype))
-    y_ref = reference_peer(x_ref, ref_params, cfg)
-    y_ref.backward(grad_out)
-
-    torch.testing.assert_close(y.to(torch.float64), y_ref, rtol=rtol, atol=atol)
-    torch.testing.assert_close(x.grad.to(torch.float64), x_ref.grad, rtol=rtol, atol=atol)
-    for name, param in model.named_parameters():
-        assert param.grad is not None, name
-        torch.testing.assert_close(param.grad.to(torch.float64), ref_params[name].grad, rtol=rtol, atol=atol, msg=name)
+    compare_with_reference(model, reference_peer, cfg, x, rtol, atol)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -163,15 +133,8 @@ def test_planted_expert_is_retrieved_by_global_id() -> None:
     model = PEER(d_model, n * n, heads=1, topk=3, d_key=d_key, query_norm="none")
     a_star, b_star = 5, 3  # global id 43: larger than any candidate-list position (< 9)
     planted = a_star * n + b_star
-    x = torch.zeros(1, d_model)
-    x[0, 0] = 1.0
-    q_target = torch.tensor([1.0, -1.0, 0.5, 2.0, -0.5, 1.5, 1.0, -2.0])
+    x, q_target = plant_slot(model, a_star, b_star)
     with torch.no_grad():
-        model.query.weight.zero_()
-        model.query.weight[:, 0] = q_target  # q = q_target for this x
-        model.sub_keys.normal_(std=0.01)
-        model.sub_keys[0, a_star] = q_target[: d_key // 2]  # aligned with q1
-        model.sub_keys[1, b_star] = q_target[d_key // 2 :]  # aligned with q2
         model.expert_v[:, d_model - 1] = 0.0  # only the planted expert writes the last coordinate
         model.expert_v[planted] = 0.0
         model.expert_v[planted, d_model - 1] = 10.0
@@ -193,8 +156,8 @@ def test_heads_share_keys_and_tables(query_norm: str) -> None:
     with torch.no_grad():
         two.query.weight[d_key:] = two.query.weight[:d_key]  # head 1 := head 0
         one.query.weight.copy_(two.query.weight[:d_key])
-        for name in ("sub_keys", "expert_u", "expert_v"):
-            getattr(one, name).copy_(getattr(two, name))
+        for name in ("sub_keys", "experts.u", "experts.v"):
+            one.get_parameter(name).copy_(two.get_parameter(name))
     x = torch.randn(10, SMALL["d_model"])
     _, ids = two.retrieve(x)
     assert torch.equal(ids[:, 0], ids[:, 1])
@@ -214,21 +177,6 @@ def test_parameter_count(query_norm: str, norm_params: int) -> None:
 # ---- streaming: nothing of size (T, h*k, D) ------------------------------------------------------
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest op output (elements) seen in forward and backward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("kernel", ["fused", "chunked"])
 def test_no_gathered_tensor_in_forward_or_backward(kernel: str) -> None:
     tokens, heads, topk, d_model = 64, 4, 8, 64
@@ -237,12 +185,12 @@ def test_no_gathered_tensor_in_forward_or_backward(kernel: str) -> None:
     x = torch.randn(tokens, d_model, requires_grad=True)
 
     model = PEER(**cfg, query_norm="batchnorm", kernel=kernel, chunk_size=256)
-    with _LargestTensor() as ours:
+    with LargestTensor() as ours:
         model(x).sum().backward()
     assert ours.largest < gathered // 4
 
     # the check has teeth: the materialising reference trips it
-    with _LargestTensor() as naive:
+    with LargestTensor() as naive:
         reference_peer(x, detached_params(model), dict(cfg, query_norm="batchnorm")).sum().backward()
     assert naive.largest >= gathered
 
@@ -256,7 +204,7 @@ def test_gather_dot_kernels_and_segment_sum() -> None:
     routing = ExpertRouting.build(ids, 20)
     expected = torch.einsum("td,tjd->tj", rows, table[ids])
     for kernel, chunk in [("fused", 1), ("chunked", 1), ("chunked", 4), ("chunked", 1000)]:
-        torch.testing.assert_close(gather_dot(rows, table, routing, kernel, chunk), expected)
+        torch.testing.assert_close(gather_dot(rows, table, routing, kernel, chunk), expected.reshape(-1))
     seg = torch.zeros(20, 6, dtype=torch.float64).index_add_(
         0, ids.flatten(), (weights[..., None] * rows[:, None, :]).reshape(-1, 6)
     )
@@ -265,6 +213,32 @@ def test_gather_dot_kernels_and_segment_sum() -> None:
     seg_bf16 = segment_sum(rows.bfloat16(), weights.bfloat16(), routing, torch.bfloat16)
     assert seg_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(seg_bf16.double(), seg, rtol=3e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "chunked"])
+def test_ragged_expert_mix_matches_float64_loop(kernel: str) -> None:
+    """Rows with different numbers of experts (as on an expert-parallel owner), empty rows included."""
+    g = torch.Generator().manual_seed(1)
+    num_rows, d, n_exp = 7, 5, 11
+    counts = [3, 0, 1, 5, 0, 2, 4]
+    row_S = torch.repeat_interleave(torch.arange(num_rows), torch.tensor(counts))
+    ids_S = torch.randint(0, n_exp, (len(row_S),), generator=g)
+    x = torch.randn(num_rows, d, generator=g, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(len(row_S), generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(n_exp, d, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(n_exp, d, generator=g, dtype=torch.float64, requires_grad=True)
+    routing = ExpertRouting.build_ragged(ids_S, row_S, num_rows, n_exp)
+    ours = expert_mix(x, gates, routing, u, v, "gelu", kernel, chunk_size=3)
+    ref = torch.zeros(num_rows, d, dtype=torch.float64)
+    for s_, (t, e) in enumerate(zip(row_S.tolist(), ids_S.tolist())):
+        ref = ref.index_add(0, torch.tensor([t]), (gates[s_] * F.gelu(u[e] @ x[t]) * v[e])[None])
+    grad_y = torch.randn(num_rows, d, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(ours, (x, gates, u, v), grad_y)
+    want = torch.autograd.grad(ref, (x, gates, u, v), grad_y)
+    torch.testing.assert_close(ours, ref)
+    assert torch.all(ours[[1, 4]] == 0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 # ---- QueryBatchNorm --------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import tomllib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,11 +169,68 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def load_module_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    """The full model state dict (no DeepSpeed engine needed), e.g. for `peer-dist eval`."""
-    files = sorted((ckpt.path / DS_TAG).glob("mp_rank_*_model_states.pt"))
+    """The full, unsharded model state dict (no DeepSpeed engine needed), e.g. for `peer-dist eval`.
+
+    Merges what a parallel run wrote: tensor-parallel shards of the dense weights
+    (one ``mp_rank_NN_model_states.pt`` per TP rank) and the expert shards (one
+    ``layer_L_expert_R_mp_rank_NN_model_states.pt`` per layer and EP rank), so the
+    result loads into a model built with all experts.
+    """
+    folder = ckpt.path / DS_TAG
+    files = sorted(folder.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"checkpoint {ckpt.path} has no model states under {DS_TAG}/")
-    return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    shards = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+    state = _merge_tp_shards(shards)
+    expert_files = sorted(folder.glob("layer_*_expert_*_mp_rank_*_model_states.pt"))
+    if expert_files:
+        state.update(_merge_expert_shards(ckpt, expert_files))
+    return state
+
+
+def _merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate AutoTP shards: column-parallel weights along dim 0, row-parallel along dim 1."""
+    if len(shards) == 1:
+        return dict(shards[0])
+    from peer_dist.train.engine import TP_LAYER_SPECS
+
+    merged = {}
+    for key, first in shards[0].items():
+        dim = None
+        for spec in TP_LAYER_SPECS:
+            if any(re.fullmatch(pattern, key) for pattern in spec["patterns"]):
+                dim = 0 if spec["partition_type"] == "column" else 1
+        merged[key] = first if dim is None else torch.cat([s[key] for s in shards], dim=dim)
+    return merged
+
+
+_EXPERT_KEY = re.compile(r"^(?P<module>.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<shard>\d+)\.(?P<param>.+)$")
+
+
+def _merge_expert_shards(ckpt: Checkpoint, files: list[Path]) -> dict[str, torch.Tensor]:
+    """Expert shards (one file per layer and EP rank) -> full tables under the unsharded names."""
+    from peer_dist.model.expert_tables import ExpertSharding
+
+    config = tomllib.loads((ckpt.path / "config.toml").read_text())
+    layout = config.get("parallel", {}).get("expert_layout", "permuted")
+    pieces: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for f in files:
+        for key, tensor in torch.load(f, map_location="cpu", weights_only=False).items():
+            match = _EXPERT_KEY.match(key)
+            if match is None:
+                raise CheckpointError(f"{f} holds an unexpected expert key {key!r}")
+            pieces.setdefault((match["module"], match["param"]), {})[int(match["shard"])] = tensor
+    full = {}
+    for (module, param), by_shard in pieces.items():
+        ep = len(by_shard)
+        rows = next(iter(by_shard.values())).shape[0]
+        sharding = ExpertSharding(rows * ep, ep, 0, layout)
+        table = torch.empty((rows * ep, *next(iter(by_shard.values())).shape[1:]),
+                            dtype=next(iter(by_shard.values())).dtype)
+        for shard, tensor in by_shard.items():
+            table[sharding.global_ids(shard)] = tensor
+        full[f"{module}.{param}"] = table
+    return full
 
 
 def load_engine_state(ckpt: Checkpoint, engine: Any) -> None:

@@ -1,14 +1,16 @@
 """Expert compute of a PEER layer without materialising gathered expert weights.
 
 Shape suffixes (torchtitan style):
-    T  tokens (all leading dims flattened)        D  d_model
-    J  retrieved experts per token (heads * topk) N  experts in the table
-    P  (token, expert) pairs = T * J, in expert-sorted order
+    T  rows (tokens, or (token, rank) pairs on an expert-parallel owner)   D  d_model
+    S  (row, expert) slots, grouped by row; row t owns slots
+       [offsets[t], offsets[t + 1]) - J = heads * topk per row in a plain PEER layer,
+       a variable number on an expert-parallel owner
+    N  experts in the table        P  the S slots in expert-sorted order
 
-Per token the layer computes (paper eq. for PEER, Algorithm 1)
+Per slot s of row t the layer computes (paper eq. for PEER, Algorithm 1)
 
-    z[t, j] = u_{id[t, j]} . x[t]                         (u side, "gather-dot")
-    y[t]    = sum_j a[t, j] * v_{id[t, j]}                (v side, "bag-sum")
+    z[s] = u_{id[s]} . x[t]                              (u side, "gather-dot")
+    y[t] = sum over slots s of row t of a[s] * v_{id[s]}  (v side, "bag-sum")
 
 with a = g * sigma(z). Public implementations gather u and v into (T, J, D)
 tensors first; at T = 2048, J = 128, D = 512 that is 512 MiB per table per step
@@ -52,52 +54,79 @@ def fused_kernel_available() -> bool:
 
 @dataclass(frozen=True)
 class ExpertRouting:
-    """Which expert each (token, slot) pair reads, plus the expert-sorted order.
+    """Which expert each (row, slot) reads, plus the expert-sorted order.
 
     Built once per forward (no grad) and shared by the u and v sides and their
-    backwards. Visiting pairs in expert order makes consecutive pairs reuse the
+    backwards. Visiting slots in expert order makes consecutive slots reuse the
     same table row (cache hits instead of DRAM reads) and turns the table
     gradients into contiguous segment sums.
     """
 
-    ids_TJ: Tensor  # (T, J) int64 global expert ids
+    ids_S: Tensor  # (S,) int64 expert ids (rows of the table), grouped by row
+    offsets_T: Tensor  # (T,) first slot of each row (embedding_bag offsets; empty rows allowed)
     sorted_ids_P: Tensor  # (P,) ids in ascending order
-    pair_P: Tensor  # (P,) flat index t * J + j of each sorted pair
-    token_P: Tensor  # (P,) token t of each sorted pair
+    slot_P: Tensor  # (P,) slot index of each sorted entry
+    row_P: Tensor  # (P,) row of each sorted entry
     bag_start_N: Tensor  # (N,) first sorted position of each expert (empty bags allowed)
 
     @classmethod
     def build(cls, ids_TJ: Tensor, num_experts: int) -> ExpertRouting:
-        """Sort the (T, J) ids by expert. Cost: one sort of T*J int64 keys."""
+        """Uniform routing: every row reads J experts, ids (T, J) int64."""
         if ids_TJ.dim() != 2 or ids_TJ.dtype != torch.int64:
             raise ValueError(f"ids must be a (T, J) int64 tensor, got {tuple(ids_TJ.shape)} {ids_TJ.dtype}")
-        num_slots = ids_TJ.shape[1]
+        num_rows, num_slots = ids_TJ.shape
         with torch.no_grad():
-            sorted_ids_P, pair_P = torch.sort(ids_TJ.reshape(-1))
-            token_P = torch.div(pair_P, max(num_slots, 1), rounding_mode="floor")
+            ids_S = ids_TJ.reshape(-1)
+            sorted_ids_P, slot_P = torch.sort(ids_S)
+            row_P = torch.div(slot_P, max(num_slots, 1), rounding_mode="floor")
+            offsets_T = torch.arange(num_rows, device=ids_TJ.device, dtype=torch.int64) * num_slots
+        return cls._with_bags(ids_S, offsets_T, sorted_ids_P, slot_P, row_P, num_experts)
+
+    @classmethod
+    def build_ragged(cls, ids_S: Tensor, row_S: Tensor, num_rows: int, num_experts: int) -> ExpertRouting:
+        """Ragged routing: slot s belongs to row row_S[s]; ``row_S`` must be non-decreasing."""
+        with torch.no_grad():
+            rows_T = torch.arange(num_rows, device=ids_S.device, dtype=torch.int64)
+            offsets_T = torch.searchsorted(row_S, rows_T)
+            sorted_ids_P, slot_P = torch.sort(ids_S)
+            row_P = row_S.index_select(0, slot_P)
+        return cls._with_bags(ids_S, offsets_T, sorted_ids_P, slot_P, row_P, num_experts)
+
+    @classmethod
+    def _with_bags(cls, ids_S: Tensor, offsets_T: Tensor, sorted_ids_P: Tensor, slot_P: Tensor, row_P: Tensor,
+                   num_experts: int) -> ExpertRouting:
+        with torch.no_grad():
             # searchsorted, not bincount+cumsum: bincount syncs with the host on CUDA.
-            experts_N = torch.arange(num_experts, device=ids_TJ.device, dtype=torch.int64)
+            experts_N = torch.arange(num_experts, device=ids_S.device, dtype=torch.int64)
             bag_start_N = torch.searchsorted(sorted_ids_P, experts_N)
-        return cls(ids_TJ, sorted_ids_P, pair_P, token_P, bag_start_N)
+        return cls(ids_S, offsets_T, sorted_ids_P, slot_P, row_P, bag_start_N)
 
     @property
     def num_experts(self) -> int:
         return self.bag_start_N.shape[0]
 
+    @property
+    def num_rows(self) -> int:
+        return self.offsets_T.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.ids_S.shape[0]
+
 
 def _unsort(values_P: Tensor, routing: ExpertRouting) -> Tensor:
-    """(P,) values in expert-sorted order -> (T, J) in token order."""
-    out_P = torch.empty_like(values_P)
-    out_P[routing.pair_P] = values_P
-    return out_P.view(routing.ids_TJ.shape)
+    """(P,) values in expert-sorted order -> (S,) in slot order."""
+    out_S = torch.empty_like(values_P)
+    out_S[routing.slot_P] = values_P
+    return out_S
 
 
 def _gather_dot_fused(rows_TD: Tensor, table_ND: Tensor, routing: ExpertRouting) -> Tensor:
     # The kernel computes out[p] = rows[offset2bag[p]] . table[indices[p]]; with
     # offset2bag given it never reads `offsets`, so an empty one is passed.
     assert _FUSED_GATHER_DOT is not None
-    no_offsets = routing.token_P.new_empty(0)
-    out_P = _FUSED_GATHER_DOT(rows_TD, table_ND, routing.sorted_ids_P, no_offsets, routing.token_P, 0, -1)
+    no_offsets = routing.row_P.new_empty(0)
+    out_P = _FUSED_GATHER_DOT(rows_TD, table_ND, routing.sorted_ids_P, no_offsets, routing.row_P, 0, -1)
     return _unsort(out_P, routing)
 
 
@@ -108,7 +137,7 @@ def _gather_dot_chunked(rows_TD: Tensor, table_ND: Tensor, routing: ExpertRoutin
     for start in range(0, num_pairs, chunk_size):
         end = min(start + chunk_size, num_pairs)
         table_cD = table_ND.index_select(0, routing.sorted_ids_P[start:end])
-        rows_cD = rows_TD.index_select(0, routing.token_P[start:end])
+        rows_cD = rows_TD.index_select(0, routing.row_P[start:end])
         torch.linalg.vecdot(table_cD, rows_cD, out=out_P[start:end])
     return _unsort(out_P, routing)
 
@@ -116,12 +145,14 @@ def _gather_dot_chunked(rows_TD: Tensor, table_ND: Tensor, routing: ExpertRoutin
 def gather_dot(
     rows_TD: Tensor, table_ND: Tensor, routing: ExpertRouting, kernel: str = "auto", chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> Tensor:
-    """out[t, j] = rows[t] . table[ids[t, j]], shape (T, J), never holding (T, J, D).
+    """out[s] = rows[row of s] . table[ids[s]], shape (S,), never holding (S, D).
 
     ``kernel``: "fused" (ATen's private per-sample-weights kernel), "chunked"
-    (index_select + vecdot over ``chunk_size`` pairs at a time) or "auto" (fused
+    (index_select + vecdot over ``chunk_size`` slots at a time) or "auto" (fused
     when this torch build has it).
     """
+    if routing.num_slots == 0:
+        return rows_TD.new_empty(0)
     if kernel == "fused" or (kernel == "auto" and _FUSED_GATHER_DOT is not None):
         if _FUSED_GATHER_DOT is None:
             raise RuntimeError("this torch build has no aten::_embedding_bag_per_sample_weights_backward")
@@ -129,31 +160,31 @@ def gather_dot(
     return _gather_dot_chunked(rows_TD, table_ND, routing, chunk_size)
 
 
-def bag_sum(weights_TJ: Tensor, table_ND: Tensor, routing: ExpertRouting) -> Tensor:
-    """out[t] = sum_j weights[t, j] * table[ids[t, j]], shape (T, D)."""
-    return F.embedding_bag(routing.ids_TJ, table_ND, per_sample_weights=weights_TJ, mode="sum")
+def bag_sum(weights_S: Tensor, table_ND: Tensor, routing: ExpertRouting) -> Tensor:
+    """out[t] = sum over slots s of row t of weights[s] * table[ids[s]], shape (T, D)."""
+    return F.embedding_bag(routing.ids_S, table_ND, routing.offsets_T, per_sample_weights=weights_S, mode="sum")
 
 
-def segment_sum(rows_TD: Tensor, weights_TJ: Tensor, routing: ExpertRouting, out_dtype: torch.dtype) -> Tensor:
-    """Table gradient: out[e] = sum over pairs (t, j) with ids[t, j] == e of weights[t, j] * rows[t].
+def segment_sum(rows_TD: Tensor, weights_S: Tensor, routing: ExpertRouting, out_dtype: torch.dtype) -> Tensor:
+    """Table gradient: out[e] = sum over slots s with ids[s] == e of weights[s] * rows[row of s].
 
     Shape (N, D); rows of experts nobody retrieved are zero. Accumulates in at
-    least fp32 (bf16 grads summed over thousands of pairs would lose most bits),
+    least fp32 (bf16 grads summed over thousands of slots would lose most bits),
     then casts to ``out_dtype``.
     """
     acc_dtype = torch.promote_types(rows_TD.dtype, torch.float32)
-    weights_P = weights_TJ.reshape(-1)[routing.pair_P].to(acc_dtype)
+    weights_P = weights_S.reshape(-1)[routing.slot_P].to(acc_dtype)
     out_ND = F.embedding_bag(
-        routing.token_P, rows_TD.to(acc_dtype), routing.bag_start_N, per_sample_weights=weights_P, mode="sum"
+        routing.row_P, rows_TD.to(acc_dtype), routing.bag_start_N, per_sample_weights=weights_P, mode="sum"
     )
     return out_ND.to(out_dtype)
 
 
 class ExpertDot(torch.autograd.Function):
-    """u side: z[t, j] = x[t] . table[ids[t, j]] with a streaming backward.
+    """u side: z[s] = x[row of s] . table[ids[s]] with a streaming backward.
 
-    grad_x[t]  = sum_j gz[t, j] * table[ids[t, j]]          (bag-sum)
-    grad_table = segment sums of gz * x[t] per expert          (fp32 accumulation)
+    grad_x[t]  = sum over slots s of row t of gz[s] * table[ids[s]]   (bag-sum)
+    grad_table = segment sums of gz * x[row] per expert                (fp32 accumulation)
     """
 
     @staticmethod
@@ -163,47 +194,47 @@ class ExpertDot(torch.autograd.Function):
         return gather_dot(x_TD, table_ND, routing, kernel, chunk_size)
 
     @staticmethod
-    def backward(ctx: Any, grad_z_TJ: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_z_S: Tensor) -> tuple[Tensor | None, ...]:
         x_TD, table_ND = ctx.saved_tensors
         routing: ExpertRouting = ctx.routing
-        grad_z_TJ = grad_z_TJ.contiguous()
-        grad_x = bag_sum(grad_z_TJ, table_ND, routing) if ctx.needs_input_grad[0] else None
-        grad_table = segment_sum(x_TD, grad_z_TJ, routing, table_ND.dtype) if ctx.needs_input_grad[1] else None
+        grad_z_S = grad_z_S.contiguous()
+        grad_x = bag_sum(grad_z_S, table_ND, routing) if ctx.needs_input_grad[0] else None
+        grad_table = segment_sum(x_TD, grad_z_S, routing, table_ND.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_table, None, None, None
 
 
 class ExpertBagSum(torch.autograd.Function):
-    """v side: y[t] = sum_j w[t, j] * table[ids[t, j]] with a streaming backward.
+    """v side: y[t] = sum over slots s of row t of w[s] * table[ids[s]] with a streaming backward.
 
-    grad_w[t, j] = grad_y[t] . table[ids[t, j]]               (gather-dot)
-    grad_table   = segment sums of w * grad_y[t] per expert     (fp32 accumulation)
+    grad_w[s]  = grad_y[row of s] . table[ids[s]]              (gather-dot)
+    grad_table = segment sums of w * grad_y[row] per expert     (fp32 accumulation)
 
     Equivalent to autograd through ``F.embedding_bag``; ours reuses the sort of
     ``routing`` and the cache-friendly expert order (measured ~20% faster on CPU).
     """
 
     @staticmethod
-    def forward(ctx: Any, w_TJ: Tensor, table_ND: Tensor, routing: ExpertRouting, kernel: str, chunk_size: int) -> Tensor:
-        ctx.save_for_backward(w_TJ, table_ND)
+    def forward(ctx: Any, w_S: Tensor, table_ND: Tensor, routing: ExpertRouting, kernel: str, chunk_size: int) -> Tensor:
+        ctx.save_for_backward(w_S, table_ND)
         ctx.routing = routing
         ctx.kernel, ctx.chunk_size = kernel, chunk_size
-        return bag_sum(w_TJ, table_ND, routing)
+        return bag_sum(w_S, table_ND, routing)
 
     @staticmethod
     def backward(ctx: Any, grad_y_TD: Tensor) -> tuple[Tensor | None, ...]:
-        w_TJ, table_ND = ctx.saved_tensors
+        w_S, table_ND = ctx.saved_tensors
         routing: ExpertRouting = ctx.routing
         grad_y_TD = grad_y_TD.contiguous()
         grad_w = None
         if ctx.needs_input_grad[0]:
             grad_w = gather_dot(grad_y_TD, table_ND, routing, ctx.kernel, ctx.chunk_size)
-        grad_table = segment_sum(grad_y_TD, w_TJ, routing, table_ND.dtype) if ctx.needs_input_grad[1] else None
+        grad_table = segment_sum(grad_y_TD, w_S, routing, table_ND.dtype) if ctx.needs_input_grad[1] else None
         return grad_w, grad_table, None, None, None
 
 
 def expert_mix(
     x_TD: Tensor,
-    gates_TJ: Tensor,
+    gates_S: Tensor,
     routing: ExpertRouting,
     expert_u: Tensor,
     expert_v: Tensor,
@@ -211,22 +242,21 @@ def expert_mix(
     kernel: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
-    """y[t] = sum_j gates[t, j] * sigma(u_{id[t,j]} . x[t]) * v_{id[t,j]}, shape (T, D).
+    """y[t] = sum over slots s of row t of gates[s] * sigma(u_{id[s]} . x[t]) * v_{id[s]}, shape (T, D).
 
-    Extra memory is O(T * J) scalars (z, gates, sort order), never O(T * J * D).
+    Extra memory is O(S) scalars (z, gates, sort order), never O(S * D).
     """
-    _check_expert_inputs(x_TD, gates_TJ, routing, expert_u, expert_v)
-    z_TJ = ExpertDot.apply(x_TD.contiguous(), expert_u, routing, kernel, chunk_size)
-    act_TJ = F.gelu(z_TJ) if activation == "gelu" else F.relu(z_TJ)
-    return ExpertBagSum.apply(gates_TJ * act_TJ, expert_v, routing, kernel, chunk_size)
+    _check_expert_inputs(x_TD, gates_S, routing, expert_u, expert_v)
+    z_S = ExpertDot.apply(x_TD.contiguous(), expert_u, routing, kernel, chunk_size)
+    act_S = F.gelu(z_S) if activation == "gelu" else F.relu(z_S)
+    return ExpertBagSum.apply(gates_S * act_S, expert_v, routing, kernel, chunk_size)
 
 
-def _check_expert_inputs(x_TD: Tensor, gates_TJ: Tensor, routing: ExpertRouting, u_ND: Tensor, v_ND: Tensor) -> None:
-    num_tokens, num_slots = routing.ids_TJ.shape
-    if x_TD.dim() != 2 or x_TD.shape[0] != num_tokens:
-        raise ValueError(f"x must be (T={num_tokens}, D), got {tuple(x_TD.shape)}")
-    if gates_TJ.shape != routing.ids_TJ.shape:
-        raise ValueError(f"gates must be (T, J)={tuple(routing.ids_TJ.shape)}, got {tuple(gates_TJ.shape)}")
+def _check_expert_inputs(x_TD: Tensor, gates_S: Tensor, routing: ExpertRouting, u_ND: Tensor, v_ND: Tensor) -> None:
+    if x_TD.dim() != 2 or x_TD.shape[0] != routing.num_rows:
+        raise ValueError(f"x must be (T={routing.num_rows}, D), got {tuple(x_TD.shape)}")
+    if gates_S.shape != routing.ids_S.shape:
+        raise ValueError(f"gates must be (S,)={tuple(routing.ids_S.shape)}, got {tuple(gates_S.shape)}")
     expected = (routing.num_experts, x_TD.shape[1])
     if tuple(u_ND.shape) != expected or tuple(v_ND.shape) != expected:
         raise ValueError(f"expert tables must be (N, D)={expected}, got {tuple(u_ND.shape)} and {tuple(v_ND.shape)}")

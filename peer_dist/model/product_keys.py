@@ -99,7 +99,7 @@ class SubKeyTopK(torch.autograd.Function):
     def backward(ctx: Any, grad_scores_RK: Tensor, _grad_ids: Tensor | None) -> tuple[Tensor | None, ...]:
         q_RC, keys_SC, top_ids_RK = ctx.saved_tensors
         routing = ExpertRouting.build(top_ids_RK, keys_SC.shape[0])
-        grad_scores_RK = grad_scores_RK.contiguous()
-        grad_q = bag_sum(grad_scores_RK, keys_SC, routing) if ctx.needs_input_grad[0] else None
-        grad_keys = segment_sum(q_RC, grad_scores_RK, routing, keys_SC.dtype) if ctx.needs_input_grad[1] else None
+        grad_scores_P = grad_scores_RK.reshape(-1).contiguous()
+        grad_q = bag_sum(grad_scores_P, keys_SC, routing) if ctx.needs_input_grad[0] else None
+        grad_keys = segment_sum(q_RC, grad_scores_P, routing, keys_SC.dtype) if ctx.needs_input_grad[1] else None
         return grad_q, grad_keys, None

@@ -16,13 +16,17 @@ here knows about process groups.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peer_dist.config import ModelConfig, resolve_ffn_blocks
+from peer_dist.model.expert_tables import ExpertSharding
+from peer_dist.model.moe import MoE
 from peer_dist.model.peer import PEER
+from peer_dist.model.pkm import PKM
 
 
 class RMSNorm(nn.Module):
@@ -59,6 +63,7 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int) -> None:
         super().__init__()
         self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
         self.wq = nn.Linear(d_model, d_model, bias=False)
         self.wk = nn.Linear(d_model, d_model, bias=False)
         self.wv = nn.Linear(d_model, d_model, bias=False)
@@ -66,7 +71,7 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = x_BTD.shape
-        # The local head count follows the projection width, so a TP-split wq keeps working.
+        # The local head count follows the projection width (-1), so a TP-split wq keeps working.
         def heads(proj: nn.Linear) -> Tensor:
             return proj(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
 
@@ -74,10 +79,6 @@ class Attention(nn.Module):
         q_BHTK, k_BHTK = apply_rope(q_BHTK, cos, sin), apply_rope(k_BHTK, cos, sin)
         y_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, is_causal=True)
         return self.wo(y_BHTK.transpose(1, 2).reshape(B, T, -1))
-
-    @property
-    def head_dim(self) -> int:
-        return self.wq.in_features // self.n_heads
 
 
 class DenseMLP(nn.Module):
@@ -96,43 +97,65 @@ class DenseMLP(nn.Module):
         return self.fc_out(F.gelu(self.fc_in(x_BTD)))
 
 
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Which expert shard this process holds in every expert layer (default: all experts)."""
+
+    ep_size: int = 1
+    ep_rank: int = 0
+    layout: str = "permuted"
+
+    def sharding(self, num_experts: int, layout: str | None = None) -> ExpertSharding:
+        return ExpertSharding(num_experts, self.ep_size, self.ep_rank, layout or self.layout)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, ffn_kind: str) -> None:
+    def __init__(self, cfg: ModelConfig, ffn_kind: str, placement: ExpertPlacement) -> None:
         super().__init__()
         self.ffn_kind = ffn_kind
         self.attn_norm = RMSNorm(cfg.d_model)
         self.attn = Attention(cfg.d_model, cfg.n_heads)
         self.ffn_norm = RMSNorm(cfg.d_model)
-        self.ffn = build_ffn(cfg, ffn_kind)
+        self.ffn = build_ffn(cfg, ffn_kind, placement)
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
         return x_BTD + self.ffn(self.ffn_norm(x_BTD))
 
 
-def build_ffn(cfg: ModelConfig, kind: str) -> nn.Module:
+def build_ffn(cfg: ModelConfig, kind: str, placement: ExpertPlacement) -> nn.Module:
     if kind == "dense":
         return DenseMLP(cfg.d_model, cfg.d_ff, cfg.mlp)
     if kind == "peer":
         p = cfg.peer
         return PEER(
             cfg.d_model, p.num_experts, heads=p.heads, topk=p.topk, d_key=p.d_key,
-            activation=p.activation, query_norm=p.query_norm,
+            activation=p.activation, query_norm=p.query_norm, sharding=placement.sharding(p.num_experts),
         )
+    if kind == "moe":
+        m = cfg.moe
+        return MoE(
+            cfg.d_model, m.num_experts, m.topk, m.d_expert or cfg.d_ff, cfg.mlp, m.aux_loss_coef, m.z_loss_coef,
+            sharding=placement.sharding(m.num_experts),
+        )
+    if kind == "pkm":
+        k = cfg.pkm
+        return PKM(cfg.d_model, k.num_values, heads=k.heads, topk=k.topk, d_key=k.d_key, query_norm=k.query_norm)
     raise ValueError(f"unknown ffn kind {kind!r}")  # config validation rejects this earlier
 
 
 class TransformerLM(nn.Module):
     """tokens (B, T) int64 -> logits (B, T, V)."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+    def __init__(self, cfg: ModelConfig, vocab_size: int, placement: ExpertPlacement | None = None) -> None:
         super().__init__()
+        placement = placement or ExpertPlacement()
         self.cfg = cfg
         self.vocab_size = vocab_size
         special = set(resolve_ffn_blocks(cfg.ffn_blocks, cfg.n_layers))
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(
-            Block(cfg, cfg.ffn if i in special else "dense") for i in range(cfg.n_layers)
+            Block(cfg, cfg.ffn if i in special else "dense", placement) for i in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.d_model)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab_size, bias=False)
@@ -156,7 +179,9 @@ class TransformerLM(nn.Module):
                 if block.ffn.fc_gate is not None:
                     nn.init.normal_(block.ffn.fc_gate.weight, std=std)
                 nn.init.normal_(block.ffn.fc_out.weight, std=residual_std)
-            # PEER layers keep their own initialisation (see peer_dist.model.peer).
+            elif isinstance(block.ffn, MoE):
+                block.ffn.reset_parameters(std, residual_std)
+            # PEER and PKM layers keep their own initialisation (see their modules).
 
     def _rope(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         cache = self._rope_cache
@@ -179,11 +204,17 @@ class TransformerLM(nn.Module):
         """(qualified name, module) of every PEER layer, in block order."""
         return [(name, m) for name, m in self.named_modules() if isinstance(m, PEER)]
 
+    def aux_loss(self) -> Tensor | None:
+        """Sum of the auxiliary losses (MoE load balancing + z-loss) of the last forward, or None."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
 
 def lm_loss(logits_BTV: Tensor, targets_BT: Tensor) -> Tensor:
     """Mean next-token cross entropy over all B*T positions (computed in fp32)."""
     return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> TransformerLM:
-    return TransformerLM(cfg, vocab_size)
+def build_model(cfg: ModelConfig, vocab_size: int, placement: ExpertPlacement | None = None) -> TransformerLM:
+    """The LM; with ``placement`` every expert layer allocates only this process's expert shard."""
+    return TransformerLM(cfg, vocab_size, placement)

@@ -1,11 +1,17 @@
 """Data-parallel pieces applied from outside the model.
 
 DeepSpeed averages dense gradients over the data-parallel group. What it cannot do
-for us is the PEER query BatchNorm: its statistics mix tokens, so with data
-parallelism each rank would normalise with its own micro-batch statistics and the
-run would no longer match a single process on the same global batch. We hand the
-BatchNorm a reducer that sums its [sum, sum of squares, count] vector over the
-group, with gradients flowing back through the all-reduce.
+for us are the layers whose output depends on batch statistics: the PEER/PKM query
+BatchNorm (its statistics mix tokens) and the MoE router's auxiliary losses (expert
+load fractions over the batch). With data parallelism each rank would use its own
+micro-batch statistics and the run would no longer match a single process on the
+same global batch. Such modules expose a ``reduce_stats`` hook; we set it to a sum
+all-reduce over the data-parallel group, with gradients flowing back through it.
+
+Why the gradients come out right: every rank computes the same function f(S) of the
+summed statistics S = sum_q s_q and adds it to its loss. The backward of the sum
+all-reduce sums the ranks' incoming gradients (W copies of df/dS), and DeepSpeed's
+average over the W ranks divides that back: the update is d f(S) / d theta.
 """
 
 from __future__ import annotations
@@ -16,20 +22,17 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
-from peer_dist.model.peer import PEER
-
 
 def _all_reduce_sum(stats: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     # Autograd-aware: the backward of a sum all-reduce is a sum all-reduce of the grads.
     return dist_fn.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
 
 
-def sync_query_norms(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
-    """Make every PEER query BatchNorm use statistics over ``group``; returns how many."""
+def sync_batch_statistics(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
+    """Make every module with a ``reduce_stats`` hook sum its statistics over ``group``; returns how many."""
     count = 0
     for module in model.modules():
-        norm = getattr(module, "query_norm", None) if isinstance(module, PEER) else None
-        if norm is not None and hasattr(norm, "reduce_stats"):
-            norm.reduce_stats = partial(_all_reduce_sum, group=group)
+        if hasattr(module, "reduce_stats"):
+            module.reduce_stats = partial(_all_reduce_sum, group=group)
             count += 1
     return count

@@ -14,11 +14,21 @@ from torch import nn
 
 from peer_dist.config import Config, TrainConfig
 from peer_dist.model.peer import PEER
+from peer_dist.parallel.layout import ParallelLayout
+
+# AutoTP partition plan for our transformer (explicit: AutoTP's heuristics need HF models).
+# Column-parallel: q/k/v projections and the dense MLP input (and gate); row-parallel
+# (output all-reduced): the attention output and the MLP output. Everything else -
+# embeddings, norms, PEER/MoE layers - stays replicated over the TP group.
+TP_LAYER_SPECS = [
+    {"patterns": [r".*\.attn\.w[qkv]\.weight$", r".*\.ffn\.fc_(in|gate)\.weight$"], "partition_type": "column"},
+    {"patterns": [r".*\.attn\.wo\.weight$", r".*\.ffn\.fc_out\.weight$"], "partition_type": "row"},
+]
 
 
-def deepspeed_config(train: TrainConfig, dp_world: int) -> dict[str, Any]:
-    """DeepSpeed JSON for ``train`` at data-parallel size ``dp_world``."""
-    return {
+def deepspeed_config(train: TrainConfig, dp_world: int, tp: int = 1) -> dict[str, Any]:
+    """DeepSpeed JSON for ``train`` at data-parallel size ``dp_world`` and tensor-parallel size ``tp``."""
+    config = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.micro_batch_size * train.grad_accum * dp_world,
@@ -32,6 +42,12 @@ def deepspeed_config(train: TrainConfig, dp_world: int) -> dict[str, Any]:
         "steps_per_print": 1 << 30,  # our own logging reports progress
         "wall_clock_breakdown": False,
     }
+    if tp > 1:
+        config["tensor_parallel"] = {
+            "autotp_size": tp,
+            "partition_config": {"use_default_specs": False, "layer_specs": TP_LAYER_SPECS},
+        }
+    return config
 
 
 def clips_manually(train: TrainConfig) -> bool:
@@ -39,14 +55,38 @@ def clips_manually(train: TrainConfig) -> bool:
     return train.zero_stage == 0 and train.precision == "fp32"
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+def clip_gradients(model: nn.Module, max_norm: float, ep_group: Any = None, tp_group: Any = None) -> torch.Tensor:
     """Global L2 grad norm over all parameters; clipped to ``max_norm`` (0: measure only).
 
     Called after the last micro-step's backward (gradients already averaged over
-    data-parallel ranks by DeepSpeed) and before the optimizer step.
+    data-parallel ranks by DeepSpeed) and before the optimizer step. Sharded
+    parameters differ between ranks: expert shards (``allreduce=False``) across the
+    EP group, AutoTP shards (``tensor_model_parallel``) across the TP group. Their
+    squared norms are summed over that group, replicated ones counted once, so every
+    rank computes the norm of the whole model and clips by the same factor.
     """
-    params = [p for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    import torch.distributed as dist
+
+    kinds: dict[str, list[torch.Tensor]] = {"replicated": [], "tp": [], "expert": []}
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        kind = "expert" if not getattr(p, "allreduce", True) else "tp" if getattr(p, "tensor_model_parallel", False) \
+            else "replicated"
+        kinds[kind].append(p.grad)
+    device = next(model.parameters()).device
+    sq = {k: (torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum() if grads
+              else torch.zeros((), dtype=torch.float64, device=device)) for k, grads in kinds.items()}
+    for kind, group in (("tp", tp_group), ("expert", ep_group)):
+        if group is not None:
+            dist.all_reduce(sq[kind], group=group)
+    norm = sum(sq.values()).sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0).float()
+        for grads in kinds.values():
+            for grad in grads:
+                grad.mul_(scale)
+    return norm.float()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -83,23 +123,65 @@ def lr_lambda(train: TrainConfig) -> Any:
     return factor
 
 
-def build_engine(model: nn.Module, cfg: Config, dp_world: int) -> Any:
+def build_engine(model: nn.Module, cfg: Config, layout: ParallelLayout) -> Any:
     """Wrap ``model`` in a DeepSpeed engine with AdamW and the warmup+cosine schedule.
 
     Gradient reduction (done by DeepSpeed): each rank's loss is the mean over its
-    micro-batch tokens; DeepSpeed divides it by ``grad_accum`` and averages the
-    gradients over the ``dp_world`` ranks, so the update is the gradient of the mean
-    loss over the whole global batch (every micro-batch has the same token count).
+    micro-batch tokens; DeepSpeed divides it by ``grad_accum`` and averages the dense
+    gradients over the ``layout.dp`` data-parallel ranks, so the update is the
+    gradient of the mean loss over the whole global batch (every micro-batch has the
+    same token count). Expert shards are summed over their expert-data-parallel group
+    and divided by the same ``layout.dp`` (see peer_dist/parallel/expert_parallel.py).
     """
     import deepspeed
 
     t = cfg.train
-    optimizer = torch.optim.AdamW(
-        param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-    )
+    groups = param_groups(model, t.weight_decay)
+    if layout.ep > 1:
+        # DeepSpeed's MoE optimizer groups: expert params get their own groups ('moe': True)
+        # that ZeRO partitions over the expert-data-parallel group only.
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+    mpu = None
+    if layout.tp > 1:
+        # DeepSpeed's own TP/DP groups (TP-innermost, as ParallelLayout), created before the
+        # engine so its batch-size check counts data-parallel ranks (world / tp), not the world.
+        from deepspeed.utils import groups as ds_groups
+
+        ds_groups._init_tp_mesh_device(tensor_model_parallel_size=layout.tp)
+        mpu = ds_groups
+    if layout.ep > 1 and layout.tp > 1:
+        _count_expert_norms_on_every_lane(model)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(t, dp_world),
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
+        config=deepspeed_config(t, layout.dp, layout.tp),
     )
+    if layout.ep > 1 and layout.tp > 1:
+        _write_experts_from_every_lane(engine, layout)
     return engine
+
+
+def _count_expert_norms_on_every_lane(model: nn.Module) -> None:
+    """ZeRO's gradient norm counts a parameter that is not model-parallel only on TP rank 0, but with
+    TP > 1 the expert-data-parallel group spans the TP lanes, so ZeRO partitions each expert shard
+    ACROSS the lanes: counted on lane 0 only, part of the expert gradient is missing from the norm
+    (measured: clipping then differs from one process by ~4e-4 relative). Marked model-parallel,
+    every lane counts its partition and ZeRO's sum over the TP group adds them up."""
+    for p in model.parameters():
+        if not getattr(p, "allreduce", True):
+            p.model_parallel = True
+
+
+def _write_experts_from_every_lane(engine: Any, layout: ParallelLayout) -> None:
+    """DeepSpeed's MoE checkpoint lets only rank 0 of each expert-data-parallel group write, and
+    returns before writing anything else on the other ranks. With TP > 1 that group spans the TP
+    lanes, so lanes 1.. never wrote their model states (mp_rank_NN files), expert files or
+    optimizer states. Here the writers are the first EP group of every lane: exactly DeepSpeed's
+    choice when TP = 1, and one writer per (expert shard, TP rank) otherwise."""
+    import torch.distributed as dist
+
+    first_ep_group_of_lane = layout.dp_index(dist.get_rank()) < layout.ep
+    engine.checkpoint_engine.is_data_parallel_writer = lambda _dp_rank: first_ep_group_of_lane

@@ -15,7 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peer_dist.model.peer import PEER, usage_metrics
+from peer_dist.model.moe import MoE
+from peer_dist.model.peer import usage_metrics
 
 
 class MetricsWriter:
@@ -52,7 +53,7 @@ class MetricsWriter:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Tensor], device: torch.device) -> dict[str, float]:
-    """Validation loss, perplexity and per-PEER-layer expert usage/unevenness.
+    """Validation loss, perplexity and per-PEER/PKM-layer expert usage/unevenness.
 
     Collective over the default group: every rank must pass the same number of
     batches. Loss = (sum of token losses over all ranks) / (token count over all
@@ -61,7 +62,7 @@ def evaluate(model: nn.Module, batches: Iterable[Tensor], device: torch.device) 
     """
     was_training = model.training
     model.eval()
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, PEER)]
+    layers = [(name, m) for name, m in model.named_modules() if hasattr(m, "track_usage")]  # PEER, PKM
     for _, layer in layers:
         layer.reset_usage()
         layer.track_usage(True)
@@ -85,4 +86,14 @@ def evaluate(model: nn.Module, batches: Iterable[Tensor], device: torch.device) 
         for _, layer in layers:
             layer.track_usage(False)
         model.train(was_training)
+    return out
+
+
+def router_metrics(model: nn.Module) -> dict[str, float]:
+    """The last training forward's MoE router statistics per layer (already global over the DP group)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            for key, value in module.router_stats.items():
+                out[f"moe/{name}/{key}"] = float(value)  # NOTE: host sync (once per log interval)
     return out

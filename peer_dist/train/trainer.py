@@ -25,11 +25,13 @@ from peer_dist.config import Config, config_hash, dump_toml
 from peer_dist.data import Manifest, TrainStream, val_batches
 from peer_dist.errors import CheckpointError, ConfigError
 from peer_dist.log import get_logger, setup_logging
-from peer_dist.model import build_model, lm_loss
-from peer_dist.parallel.data_parallel import sync_query_norms
+from peer_dist.model import ExpertPlacement, build_model, lm_loss
+from peer_dist.parallel.data_parallel import sync_batch_statistics
 from peer_dist.parallel.env import DistEnv, detect_env, init_distributed, pick_backend, pick_device
+from peer_dist.parallel.expert_parallel import dispatch_metrics, parallelize_experts
+from peer_dist.parallel.layout import ParallelLayout
 from peer_dist.train.engine import build_engine, clip_gradients, clips_manually
-from peer_dist.train.metrics import MetricsWriter, evaluate
+from peer_dist.train.metrics import MetricsWriter, evaluate, router_metrics
 
 
 @dataclass
@@ -44,6 +46,7 @@ class TrainResult:
 @dataclass
 class _Setup:
     env: DistEnv
+    layout: ParallelLayout
     device: torch.device
     manifest: Manifest
     model: torch.nn.Module
@@ -62,8 +65,17 @@ def run_training(cfg: Config) -> TrainResult:
 
 
 def _set_up(cfg: Config) -> _Setup:
+    """Launcher env -> layout check -> process group -> data manifest -> model -> parallelism -> engine.
+
+    Parallelism is applied from outside the model in a fixed order: the model is built
+    holding only this rank's expert shards; the expert layers get their all_to_all
+    dispatch; DeepSpeed then builds the groups, applies AutoTP and wraps everything;
+    finally the batch statistics (query BatchNorms, MoE router losses) are summed over
+    the data-parallel group.
+    """
     env = detect_env()
     setup_logging(env.rank)
+    layout = ParallelLayout(env.world, tp=cfg.parallel.tp, ep=cfg.parallel.ep)  # fails before any work
     device = pick_device(cfg.train.device, env)
     init_distributed(env, pick_backend(cfg.train.backend, device))
     manifest = Manifest.load(cfg.data.path)
@@ -72,11 +84,16 @@ def _set_up(cfg: Config) -> _Setup:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the data's tokenizer vocabulary "
                           f"({manifest.vocab_size}); use 0 to take it from the data")
     seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
-    model = build_model(cfg.model, vocab).to(device)
-    if env.world > 1:
-        sync_query_norms(model)
-    engine = build_engine(model, cfg, dp_world=env.world)
-    return _Setup(env, device, manifest, model, engine)
+    placement = ExpertPlacement(layout.ep, layout.ep_rank(env.rank), cfg.parallel.expert_layout)
+    model = build_model(cfg.model, vocab, placement).to(device)
+    parallelize_experts(model, layout, env.rank)
+    engine = build_engine(model, cfg, layout)
+    if layout.dp > 1:
+        from deepspeed.utils import groups
+
+        sync_batch_statistics(model, groups._get_data_parallel_group())
+    get_logger().info("parallel layout: %s", layout.describe())
+    return _Setup(env, layout, device, manifest, model, engine)
 
 
 def seed_everything(seed: int) -> None:
@@ -88,7 +105,7 @@ def seed_everything(seed: int) -> None:
 def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
     """Restore the newest good checkpoint of the run folder; refuse one from another run."""
     expected = {"config_hash": config_hash(cfg), "data_fingerprint": setup.manifest.fingerprint,
-                "world": setup.env.world}
+                "world": setup.env.world, "layout": _layout_state(setup.layout)}
     ckpt = latest_good(cfg.run_dir / "checkpoints")
     if ckpt is None:
         return {"step": 0, "consumed_samples": 0, "consumed_tokens": 0}
@@ -101,8 +118,24 @@ def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
                 f"or pick a new run.name"
             )
     load_engine_state(ckpt, setup.engine)
+    _schedule_lr_at(setup.engine, state["step"])
     get_logger().info("resumed from %s (step %d)", ckpt.path, state["step"])
     return state
+
+
+def _schedule_lr_at(engine: Any, step: int) -> None:
+    """Set the learning rate from THIS run's schedule at ``step``.
+
+    The checkpoint restores the lr the saving run had set, from its own schedule; a
+    resume that extends train.max_steps (a resume-safe key) must continue on the new
+    cosine, not on the old one for a step.
+    """
+    scheduler = engine.lr_scheduler
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(engine.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def _train(cfg: Config, setup: _Setup) -> TrainResult:
@@ -114,15 +147,17 @@ def _train(cfg: Config, setup: _Setup) -> TrainResult:
     setup.writer = MetricsWriter(cfg.run_dir / "tensorboard", cfg.run_dir / "metrics.jsonl", enabled=env.is_main,
                                  tensorboard=cfg.run.tensorboard)
     seq_len = setup.manifest.seq_len
-    global_batch = t.micro_batch_size * t.grad_accum * env.world
+    # The data is split over the data-parallel replicas; the TP ranks of a replica share its batch.
+    layout = setup.layout
+    global_batch = t.micro_batch_size * t.grad_accum * layout.dp
     stream = TrainStream(
-        cfg.data.path, rank=env.rank, world=env.world, micro_batch_size=t.micro_batch_size,
+        cfg.data.path, rank=layout.dp_index(env.rank), world=layout.dp, micro_batch_size=t.micro_batch_size,
         grad_accum=t.grad_accum, seed=t.seed, start_step=state["step"], num_workers=cfg.data.num_workers,
         bad_shard=cfg.data.bad_shard, verify=cfg.data.verify,
     )
     batches = iter(stream)
-    log.info("training %s: world %d, global batch %d x %d tokens, steps %d..%d",
-             cfg.run.name, env.world, global_batch, seq_len, state["step"], t.max_steps)
+    log.info("training %s: world %d (%s), global batch %d x %d tokens, steps %d..%d",
+             cfg.run.name, env.world, layout.describe(), global_batch, seq_len, state["step"], t.max_steps)
     progress = _progress_bar(cfg, env, state["step"])
     losses: list[tuple[int, float]] = []
     interval_loss = torch.zeros(2, dtype=torch.float64, device=setup.device)  # [loss sum, steps]
@@ -161,14 +196,25 @@ def _train_step(cfg: Config, setup: _Setup, batches: Any) -> tuple[torch.Tensor,
     for micro in range(accum):
         batch = next(batches).to(setup.device, non_blocking=True)  # (B, T + 1)
         loss = lm_loss(engine(batch[:, :-1]), batch[:, 1:])
-        engine.backward(loss)  # DeepSpeed scales by 1 / grad_accum and averages grads over DP
+        aux = engine.module.aux_loss()  # MoE load-balancing + z-loss (None for other models)
+        engine.backward(loss if aux is None else loss + aux)  # DeepSpeed: / grad_accum, averaged over DP
         if micro == accum - 1 and clips_manually(cfg.train):
-            grad_norm = clip_gradients(engine.module, cfg.train.grad_clip)
+            grad_norm = clip_gradients(engine.module, cfg.train.grad_clip, *_sharded_groups(setup))
         engine.step()  # applies the update only at the accumulation boundary
         total += loss.detach()
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     return total / accum, grad_norm
+
+
+def _sharded_groups(setup: _Setup) -> tuple[Any, Any]:
+    """(EP group, TP group) over which sharded gradient norms are summed; None where unsharded."""
+    from deepspeed.utils import groups
+
+    layout = setup.layout
+    ep = groups._get_expert_parallel_group(f"ep_size_{layout.ep}") if layout.ep > 1 else None
+    tp = groups.get_tensor_model_parallel_group() if layout.tp > 1 else None
+    return ep, tp
 
 
 def _advance(state: dict[str, Any], global_batch: int, seq_len: int) -> dict[str, Any]:
@@ -192,6 +238,8 @@ def _log_interval(setup: _Setup, stream: Any, interval_loss: torch.Tensor, start
     if grad_norm is not None:  # the norm of the interval's last step
         values["train/grad_norm"] = float(grad_norm)
     values.update({f"data/{k}": float(v) for k, v in stream.stats.items()})
+    values.update(dispatch_metrics(setup.engine.module, setup.device))
+    values.update(router_metrics(setup.engine.module))
     setup.writer.scalars(values, step)
     get_logger().info("step %d  loss %.4f  lr %.2e  tok/s %.0f", step, values["train/loss"], lr,
                       values["train/tokens_per_s"])
@@ -200,8 +248,9 @@ def _log_interval(setup: _Setup, stream: Any, interval_loss: torch.Tensor, start
 
 def _validate(cfg: Config, setup: _Setup, step: int) -> dict[str, float]:
     env = setup.env
-    batches = val_batches(cfg.data.path, rank=env.rank, world=env.world, batch_size=cfg.train.micro_batch_size,
-                          max_batches=cfg.train.eval_batches)
+    layout = setup.layout  # TP ranks evaluate the same batches; evaluate() averages them out
+    batches = val_batches(cfg.data.path, rank=layout.dp_index(env.rank), world=layout.dp,
+                          batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches)
     metrics = evaluate(setup.engine.module, batches, setup.device)
     setup.writer.scalars(metrics, step)
     get_logger().info("step %d  validation loss %.4f  perplexity %.2f", step, metrics["val/loss"],
@@ -211,9 +260,13 @@ def _validate(cfg: Config, setup: _Setup, step: int) -> dict[str, float]:
 
 def _save(cfg: Config, setup: _Setup, state: dict[str, Any]) -> None:
     trainer_state = dict(state, config_hash=config_hash(cfg), data_fingerprint=setup.manifest.fingerprint,
-                         world=setup.env.world)
+                         world=setup.env.world, layout=_layout_state(setup.layout))
     save_checkpoint(cfg.run_dir / "checkpoints", state["step"], setup.engine, trainer_state, dump_toml(cfg),
                     keep=3)
+
+
+def _layout_state(layout: ParallelLayout) -> dict[str, int]:
+    return {"tp": layout.tp, "ep": layout.ep, "dp": layout.dp}
 
 
 def _progress_bar(cfg: Config, env: DistEnv, start: int) -> Any:
