@@ -25,9 +25,11 @@ def _train(args: argparse.Namespace) -> int:
     from peer_dist.config import load_config
     from peer_dist.train.trainer import run_training
 
+    from peer_dist.train.signals import EXIT_PREEMPTED
+
     cfg = load_config(args.config, args.overrides)
-    run_training(cfg)
-    return 0
+    result = run_training(cfg)
+    return EXIT_PREEMPTED if result.preempted else 0
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -74,11 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bench = p.add_subparsers(dest="bench", required=True)
-    from peer_dist.bench import layer
+    from peer_dist.bench import ep, layer
 
     b = bench.add_parser("layer", help="PEER layer vs naive Algorithm 1 vs dense FFW: time and peak memory")
     layer.add_arguments(b)
     b.set_defaults(func=_bench, bench_run=layer.run)
+    b = bench.add_parser("ep", help="PEER layer at EP = 1, 2, 4: tokens/s, all_to_all bytes vs bound, imbalance")
+    ep.add_arguments(b)
+    b.set_defaults(func=_bench, bench_run=ep.run)
     return parser
 
 

@@ -107,6 +107,9 @@ class TrainConfig:
     beta2: float = _at_least(0.95, 0.0)
     eps: float = _at_least(1e-8, 0.0)
     grad_clip: float = _at_least(1.0, 0.0)  # 0 disables clipping
+    # Optimizer update of the expert tables (PEER u/v, PKM values): "dense" AdamW over every row,
+    # or "lazy": only the rows retrieved this step (LazyAdam semantics; zero_stage 0 and fp32 only).
+    expert_update: str = _choice("dense", ("dense", "lazy"))
     zero_stage: int = _choice(0, (0, 1, 2))
     precision: str = _choice("fp32", ("fp32", "bf16"))
     seed: int = 0
@@ -117,6 +120,8 @@ class TrainConfig:
     device: str = _choice("auto", ("auto", "cpu", "cuda"))
     backend: str = _choice("auto", ("auto", "gloo", "nccl"))
     progress: bool = True  # progress bar on rank 0
+    # Signals that stop training cleanly: finish the step, checkpoint, exit 75 (requeue under Slurm).
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -293,6 +298,16 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.train.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio={cfg.train.min_lr_ratio} must be between 0 and 1")
     _validate_parallel(cfg)
+    from peer_dist.train.signals import parse_signal  # local import: reading a config needs no torch
+
+    for name in cfg.train.stop_signals:
+        try:
+            parse_signal(name)
+        except ConfigError as exc:
+            raise ConfigError(f"train.stop_signals: {exc}") from None
+    if cfg.train.expert_update == "lazy" and (cfg.train.zero_stage != 0 or cfg.train.precision != "fp32"):
+        raise ConfigError("train.expert_update='lazy' needs train.zero_stage=0 and train.precision='fp32' "
+                          "(ZeRO and the bf16 optimizer flatten the tables, so rows cannot be updated alone)")
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a non-empty folder name without '/'")
 

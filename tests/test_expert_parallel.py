@@ -21,7 +21,7 @@ from peer_dist.errors import ConfigError, LaunchError
 from peer_dist.model.expert_tables import ExpertSharding, ExpertTables
 from peer_dist.model.moe import MoEExperts
 from peer_dist.parallel.layout import ParallelLayout
-from tests.dist_helpers import run_ranks
+from peer_dist.parallel.spawn import run_ranks
 from tests.helpers import assert_same_run, read_metrics, run_cli
 from tests.test_train import TINY
 

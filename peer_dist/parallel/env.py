@@ -1,31 +1,42 @@
 """Where this process sits in the job, read explicitly from the launcher's environment.
 
-Supported launchers: torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``), Slurm ``srun``
-(``SLURM_PROCID``/``SLURM_NTASKS``), mpirun with MPICH/PMI (``PMI_RANK``/``PMI_SIZE``)
-or Open MPI (``OMPI_COMM_WORLD_*``), and a plain single process. Rank and world are
+Supported launchers: torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``), mpirun with
+MPICH/PMI (``PMI_RANK``/``PMI_SIZE``) or Open MPI (``OMPI_COMM_WORLD_*``), Slurm ``srun``
+(``SLURM_PROCID``/``SLURM_NTASKS``), and a plain single process. Rank and world are
 passed explicitly to everything that needs them (data loader included) rather than
 re-read from the environment in worker processes.
+
+Under an MPI launcher, :func:`init_distributed` asks MPI itself (mpi4py, imported only
+then) whether the launcher's world is real, and shares rank 0's ``MASTER_ADDR``/
+``MASTER_PORT`` so ``mpirun -n 2 peer-dist train ...`` needs no exports. Launch
+scripts: launch/torchrun_multinode.sh, launch/mpirun.sh, slurm/train.sbatch.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from peer_dist.errors import LaunchError
 
-# (launcher, rank var, world var, local rank var)
+# (launcher, rank var, world var, local rank var), first match wins.
+# MPI before Slurm: ranks that mpirun starts inside an sbatch allocation inherit the
+# batch step's SLURM_PROCID=0 (or the per-node proxy's), so there the Slurm variables
+# are wrong and the MPI ones right; `srun --mpi=pmi2` sets both, consistently.
 _LAUNCHERS = (
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
-    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
     ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
     ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
 )
+_MPI_LAUNCHERS = ("mpich", "openmpi")
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,7 @@ class DistEnv:
     rank: int
     world: int
     local_rank: int
-    launcher: str  # "single" | "torchrun" | "slurm" | "mpich" | "openmpi"
+    launcher: str  # "single" | "torchrun" | "mpich" | "openmpi" | "slurm"
 
     @property
     def is_main(self) -> bool:
@@ -77,8 +88,9 @@ def pick_backend(requested: str, device: torch.device) -> str:
 def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0) -> None:
     """Create the default process group (also for one process, so collectives are uniform).
 
-    The timeout bounds every collective: a stalled rank makes the job fail instead
-    of hanging forever.
+    The timeout bounds the rendezvous and every collective: a missing or stalled rank
+    makes the job fail instead of hanging forever. Every check that can fail runs
+    before anything is written, so a broken launch leaves the run folder untouched.
     """
     if dist.is_initialized():
         return
@@ -87,18 +99,34 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0) -> No
     if env.launcher == "single":
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise LaunchError(
-            f"launched by {env.launcher} (world size {env.world}) but MASTER_ADDR/MASTER_PORT are not set; "
-            "use torchrun, or export them in the launch script (see launch/ and slurm/)"
+    else:
+        if env.launcher in _MPI_LAUNCHERS:
+            _mpi_rendezvous(env)
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise LaunchError(
+                f"launched by {env.launcher} (world size {env.world}) but MASTER_ADDR/MASTER_PORT are not set; "
+                "use torchrun, export them in the launch script (see launch/ and slurm/), "
+                "or under mpirun install mpi4py (pip install 'peer-dist[mpi]') to share them automatically"
+            )
+    addr = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    try:
+        dist.init_process_group(
+            backend=backend, rank=env.rank, world_size=env.world,
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
-    dist.init_process_group(
-        backend=backend, rank=env.rank, world_size=env.world,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    except (dist.DistStoreError, dist.DistNetworkError) as exc:  # the rendezvous at MASTER_ADDR:MASTER_PORT
+        text = str(exc).strip()
+        reason = text.splitlines()[0].rstrip(".") if text else type(exc).__name__  # first line: no C++ frames
+        raise LaunchError(
+            f"rank {env.rank} of {env.world} ({env.launcher}) could not form the process group at {addr} "
+            f"within {timeout_s:g} s: {reason}. "
+            f"Check that the launcher starts {env.world} processes and that all of them use the same "
+            "MASTER_ADDR/MASTER_PORT, reachable from every node"
+        ) from None
     if dist.get_world_size() != env.world:
         raise LaunchError(
-            f"the launcher reports world size {env.world} but the process group has {dist.get_world_size()}"
+            f"the launcher ({env.launcher}) reports world size {env.world} but the process group has "
+            f"{dist.get_world_size()}; every process must see the same launcher variables"
         )
     # DeepSpeed keeps its own handle on the process group; it reuses the one we made.
     import deepspeed
@@ -106,7 +134,81 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0) -> No
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
 
-def _free_port() -> int:
+def _mpi_rendezvous(env: DistEnv) -> None:
+    """Under mpirun: check MPI's world against the launcher's, then share rank 0's address and port.
+
+    mpi4py is imported here only (importing ``mpi4py.MPI`` calls ``MPI_Init``). Without it
+    nothing is checked and MASTER_ADDR/MASTER_PORT must come from the environment.
+    """
+    comm = _mpi_comm_world()
+    if comm is None:
+        return
+    _check_mpi_world(env, comm.Get_size(), comm.Get_rank(), _mpi_library())
+    # Collective on every rank, unconditionally, so no rank can skip it: gather host names
+    # (one host -> loopback), then rank 0's MASTER_ADDR/MASTER_PORT, its own or picked here.
+    hosts = comm.allgather(socket.gethostname())
+    chosen = None
+    if env.rank == 0:
+        addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if len(set(hosts)) == 1 else _routable_address())
+        port = os.environ.get("MASTER_PORT") or str(_free_port("" if addr != "127.0.0.1" else addr))
+        chosen = (addr, port)
+    addr, port = comm.bcast(chosen, root=0)
+    os.environ.setdefault("MASTER_ADDR", addr)
+    os.environ.setdefault("MASTER_PORT", port)
+
+
+def _check_mpi_world(env: DistEnv, mpi_size: int, mpi_rank: int, library: str) -> None:
+    """Abort when MPI's COMM_WORLD is not the job the launcher variables describe."""
+    rank_var, world_var = next((r, w) for name, r, w, _ in _LAUNCHERS if name == env.launcher)
+    if mpi_size != env.world:
+        raise LaunchError(
+            f"{world_var}={env.world} says the job has {env.world} processes, but MPI's COMM_WORLD has "
+            f"{mpi_size} ({library}): the processes did not join one MPI job. Launch with the mpirun/mpiexec "
+            f"of the MPI library mpi4py was built with (launch/mpirun.sh), or under Slurm use "
+            f"`srun --mpi=pmi2`, or plain `srun` without {rank_var}/{world_var} set (slurm/train.sbatch)"
+        )
+    if mpi_rank != env.rank:
+        raise LaunchError(f"{rank_var}={env.rank} but this process is MPI rank {mpi_rank} ({library}); "
+                          "the launcher variables do not belong to this MPI job")
+
+
+def _mpi_comm_world() -> Any | None:
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD
+
+
+def _mpi_library() -> str:
+    from mpi4py import MPI
+
+    first_line = MPI.Get_library_version().strip().splitlines()[0]
+    return re.sub(r"\s+", " ", first_line)
+
+
+def _routable_address() -> str:
+    """This host's address as other hosts reach it (multi-node mpirun without MASTER_ADDR).
+
+    The hostname's address, unless that is loopback (Debian maps the hostname to
+    127.0.1.1); then the source address of the default route (a UDP connect sends nothing).
+    """
+    name = socket.getfqdn()
+    try:
+        addr = socket.gethostbyname(name)
+    except OSError:
+        addr = ""
+    if addr and not addr.startswith("127."):
+        return addr
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("10.255.255.255", 1))
+            return sock.getsockname()[0]
+    except OSError:
+        return name
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]

@@ -12,8 +12,8 @@ A layer's forward in named phases (Megatron-Core style), each all_to_all in its 
               whatever the number of its experts there.
 2. dispatch   two-phase, dropless: ``_exchange_counts`` sends the per-destination
               [pairs, slots] counts (E x 2 integers, never per-expert histograms); then
-              ``_exchange_slots`` sends each slot's (local row, pair index) and
-              ``_exchange_payload`` each pair's hidden row plus each slot's gate.
+              ``_exchange_slots`` sends each pair's slot count and each slot's expert row
+              (int32) and ``_exchange_payload`` each pair's hidden row plus each slot's gate.
 3. compute    the owner runs its experts on the rows it received:
               partial[p] = sum over the pair's slots g * sigma(u . x_p) * v (PEER), or
               g * MLP_e(x_p) (MoE) - one partial row per (token, rank).
@@ -22,9 +22,9 @@ A layer's forward in named phases (Megatron-Core style), each all_to_all in its 
 
 Backward runs through :class:`_AllToAll`, whose backward is the all_to_all with
 the splits swapped. Every rank enters every collective, also with zero rows.
-Bytes per token: 2 * D * (destinations per token) for the rows, plus the slots'
-gates (one value each) and their two integers; the lower bound is
-2 * D * (distinct destination ranks per token) values.
+Bytes per token: 2 * D * (destinations per token) values for the rows, plus per
+slot its gate (one value) and its expert row (int32), plus one int32 per pair; the
+lower bound is 2 * D * (distinct destination ranks per token) values.
 
 Gradient bookkeeping (why expert grads come out right): the owner's table gradient
 sums contributions of tokens from every rank of its EP group (through the
@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from peer_dist.model.expert_ops import ExpertRouting
 from peer_dist.parallel.layout import ParallelLayout, check_deepspeed_groups
 
-_INT_BYTES = 8
+_INT_BYTES = 4  # slot counts and expert rows travel as int32; the E x 2 counts as int64
 
 
 # ---------------------------------------------------------------------------- collectives
@@ -90,9 +90,9 @@ class _Plan:
     """The send side of one dispatch."""
 
     pair_token_C: Tensor  # (C,) token of each pair, grouped by destination rank
+    slots_per_pair_C: Tensor  # (C,) int32 number of slots (experts) of each pair
     slot_order_S: Tensor  # (S,) permutation of the flat slots grouping them by (destination, token)
-    local_row_S: Tensor  # (S,) owner-local expert row of each grouped slot
-    pair_index_S: Tensor  # (S,) index of each grouped slot's pair inside its destination's message
+    local_row_S: Tensor  # (S,) int32 owner-local expert row of each grouped slot
     counts_E2: Tensor  # (E, 2) pairs and slots sent to each rank
     send_pairs: list[int] = field(default_factory=list)  # host copies, filled by _exchange_counts
     send_slots: list[int] = field(default_factory=list)
@@ -104,7 +104,7 @@ class _Received:
 
     recv_pairs: list[int]
     recv_slots: list[int]
-    local_row_S: Tensor | None = None  # (S_r,) local expert row of each received slot
+    local_row_S: Tensor | None = None  # (S_r,) int64 local expert row of each received slot
     row_S: Tensor | None = None  # (S_r,) received pair (0..R-1) each slot belongs to, non-decreasing
 
 
@@ -120,13 +120,8 @@ def _route(ids_TJ: Tensor, sharding: Any, num_ranks: int) -> _Plan:
         pair_dest_C = torch.div(pair_keys_C, stride, rounding_mode="floor")
         pairs_E = torch.bincount(pair_dest_C, minlength=num_ranks)
         slots_E = torch.bincount(dest_S, minlength=num_ranks)
-        # Index of each slot's pair, counted from the first pair sent to the same destination.
-        pair_global_S = torch.repeat_interleave(torch.arange(len(pair_keys_C), device=ids_TJ.device),
-                                                slots_per_pair_C)
-        first_pair_E = torch.cumsum(pairs_E, 0) - pairs_E
-        pair_index_S = pair_global_S - first_pair_E[torch.div(key_sorted, stride, rounding_mode="floor")]
-        local_row_S = sharding.local_row(ids_TJ).reshape(-1)[order_S]
-    return _Plan(pair_keys_C - pair_dest_C * stride, order_S, local_row_S, pair_index_S,
+        local_row_S = sharding.local_row(ids_TJ).reshape(-1)[order_S].to(torch.int32)
+    return _Plan(pair_keys_C - pair_dest_C * stride, slots_per_pair_C.to(torch.int32), order_S, local_row_S,
                  torch.stack([pairs_E, slots_E], dim=1))
 
 
@@ -141,16 +136,24 @@ def _exchange_counts(plan: _Plan, group: Any) -> _Received:
 
 
 def _exchange_slots(plan: _Plan, received: _Received, group: Any) -> None:
-    """Dispatch phase 2a: each slot's (local row, pair index); turned into received-pair rows."""
-    meta_S2 = torch.stack([plan.local_row_S, plan.pair_index_S], dim=1)
-    recv_S2 = _all_to_all(meta_S2, received.recv_slots, plan.send_slots, group)
-    device = meta_S2.device
-    pairs_E = torch.tensor(received.recv_pairs, device=device)
-    first_pair_E = torch.cumsum(pairs_E, 0) - pairs_E
-    source_S = torch.repeat_interleave(torch.arange(len(pairs_E), device=device),
-                                       torch.tensor(received.recv_slots, device=device))
-    received.local_row_S = recv_S2[:, 0]
-    received.row_S = recv_S2[:, 1] + first_pair_E[source_S]
+    """Dispatch phase 2a: per pair its slot count, per slot its owner-local expert row (int32).
+
+    Per destination r the message is [slot counts of r's pairs, local rows of r's slots]; the
+    receiver turns the counts back into the received pair of every slot.
+    """
+    count_parts = plan.slots_per_pair_C.split(plan.send_pairs)
+    row_parts = plan.local_row_S.split(plan.send_slots)
+    send = torch.cat([t for c, r in zip(count_parts, row_parts) for t in (c, r)])
+    in_splits = [p + s for p, s in zip(plan.send_pairs, plan.send_slots)]
+    out_splits = [p + s for p, s in zip(received.recv_pairs, received.recv_slots)]
+    recv = _all_to_all(send, out_splits, in_splits, group)
+    counts, rows = [], []
+    for part, pairs in zip(recv.split(out_splits), received.recv_pairs):
+        counts.append(part[:pairs])
+        rows.append(part[pairs:])
+    counts_R = torch.cat(counts).long()
+    received.row_S = torch.repeat_interleave(torch.arange(len(counts_R), device=send.device), counts_R)
+    received.local_row_S = torch.cat(rows).long()
 
 
 def _exchange_payload(x_TD: Tensor, gates_TJ: Tensor, plan: _Plan, received: _Received,
@@ -271,7 +274,7 @@ class DispatchStats:
         self.rows_received += rows_back
         self.bound_bytes += 2 * x_TD.shape[1] * pairs * value_bytes
         self.bytes_sent += ((pairs + rows_back) * x_TD.shape[1] + slots) * value_bytes \
-            + (2 * slots + 2 * num_ranks) * _INT_BYTES
+            + (pairs + slots) * _INT_BYTES + 2 * num_ranks * 8
 
 
 def make_parallel_experts(experts: nn.Module, layout: ParallelLayout, rank: int) -> nn.Module:

@@ -14,7 +14,10 @@ from torch import nn
 
 from peer_dist.config import Config, TrainConfig
 from peer_dist.model.peer import PEER
+from peer_dist.model.pkm import PKM
+from peer_dist.model.retrieval import ProductKeyLayer
 from peer_dist.parallel.layout import ParallelLayout
+from peer_dist.train.optim import LazyRowAdamW
 
 # AutoTP partition plan for our transformer (explicit: AutoTP's heuristics need HF models).
 # Column-parallel: q/k/v projections and the dense MLP input (and gate); row-parallel
@@ -75,7 +78,9 @@ def clip_gradients(model: nn.Module, max_norm: float, ep_group: Any = None, tp_g
             else "replicated"
         kinds[kind].append(p.grad)
     device = next(model.parameters()).device
-    sq = {k: (torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum() if grads
+    # One fused fp32 norm per tensor (a float64 copy of a 1M-row table costs 50x more), squares
+    # summed in float64.
+    sq = {k: (torch.stack([torch.linalg.vector_norm(g.detach()).double() for g in grads]).pow(2).sum() if grads
               else torch.zeros((), dtype=torch.float64, device=device)) for k, grads in kinds.items()}
     for kind, group in (("tp", tp_group), ("expert", ep_group)):
         if group is not None:
@@ -89,24 +94,42 @@ def clip_gradients(model: nn.Module, max_norm: float, ep_group: Any = None, tp_g
     return norm.float()
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices, none on vectors (norms) and on PEER tables.
+def param_groups(model: nn.Module, weight_decay: float, lazy_tables: bool = False) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices, none on vectors (norms), product keys and tables.
+
+    ``lazy_tables`` gives the tables (PEER experts, PKM values) the lazy row update of
+    :class:`~peer_dist.train.optim.LazyRowAdamW` (train.expert_update = "lazy").
 
     PEER expert tables and product keys are not decayed: a row is only retrieved by a
     few tokens per step while decoupled decay would shrink every row every step, so
     rarely used experts would fade regardless of their value (PKM and Memory Layers
     train their memories without weight decay for the same reason).
     """
-    no_decay_ids = {id(p) for m in model.modules() if isinstance(m, PEER)
-                    for p in (m.expert_u, m.expert_v, m.sub_keys)}
-    decay, no_decay = [], []
+    tables = {id(p) for p in table_parameters(model)}
+    keys = {id(m.sub_keys) for m in model.modules() if isinstance(m, ProductKeyLayer)}
+    decay, no_decay, table = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or id(p) in no_decay_ids else decay).append(p)
+        if id(p) in tables:
+            table.append(p)
+        else:
+            (no_decay if p.ndim < 2 or id(p) in keys else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+              {"params": table, "weight_decay": 0.0, "name": "tables", "lazy_rows": lazy_tables}]
     return [g for g in groups if g["params"]]
+
+
+def table_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Row-indexed tables a step touches sparsely: PEER expert u/v (local shard) and PKM values."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, PEER):
+            out += [m.expert_u, m.expert_v]
+        elif isinstance(m, PKM):
+            out.append(m.values)
+    return out
 
 
 def lr_lambda(train: TrainConfig) -> Any:
@@ -136,14 +159,17 @@ def build_engine(model: nn.Module, cfg: Config, layout: ParallelLayout) -> Any:
     import deepspeed
 
     t = cfg.train
-    groups = param_groups(model, t.weight_decay)
+    groups = param_groups(model, t.weight_decay, lazy_tables=t.expert_update == "lazy")
     if layout.ep > 1:
         # DeepSpeed's MoE optimizer groups: expert params get their own groups ('moe': True)
         # that ZeRO partitions over the expert-data-parallel group only.
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+        # A group whose params all moved into MoE groups stays behind empty; DeepSpeed drops
+        # empty groups later, which would leave the lr scheduler with one lr too many.
+        groups = [g for g in groups if g["params"]]
+    optimizer = LazyRowAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
     mpu = None
     if layout.tp > 1:

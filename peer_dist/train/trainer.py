@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from peer_dist.parallel.expert_parallel import dispatch_metrics, parallelize_exp
 from peer_dist.parallel.layout import ParallelLayout
 from peer_dist.train.engine import build_engine, clip_gradients, clips_manually
 from peer_dist.train.metrics import MetricsWriter, evaluate, router_metrics
+from peer_dist.train.signals import PreemptionHandler, requeue_slurm_job
 
 
 @dataclass
@@ -41,6 +43,7 @@ class TrainResult:
     run_dir: Path
     tensorboard_dir: Path
     losses: list[tuple[int, float]]  # (step, mean training loss of the log interval ending there)
+    preempted: bool = False  # stopped on a signal after a checkpoint; the run resumes on restart
 
 
 @dataclass
@@ -52,13 +55,20 @@ class _Setup:
     model: torch.nn.Module
     engine: Any
     writer: MetricsWriter | None = None  # created once resume has checked the run folder
+    update_s: float = 0.0  # time in optimizer updates since the last log line
 
 
 def run_training(cfg: Config) -> TrainResult:
-    """Train ``cfg`` in this process; every rank of the job calls it."""
+    """Train ``cfg`` in this process; every rank of the job calls it.
+
+    The stop-signal handlers stay installed until the process exits: Slurm sends
+    SIGTERM again while a requeued job shuts down, and the default action would turn
+    the documented exit code 75 into a kill.
+    """
     setup = _set_up(cfg)
+    stop = PreemptionHandler(cfg.train.stop_signals).install()
     try:
-        return _train(cfg, setup)
+        return _train(cfg, setup, stop)
     finally:
         if setup.writer is not None:
             setup.writer.close()
@@ -138,7 +148,7 @@ def _schedule_lr_at(engine: Any, step: int) -> None:
     scheduler._last_lr = lrs
 
 
-def _train(cfg: Config, setup: _Setup) -> TrainResult:
+def _train(cfg: Config, setup: _Setup, stop: PreemptionHandler) -> TrainResult:
     log, t, env = get_logger(), cfg.train, setup.env
     state = _resume(cfg, setup)
     if env.is_main:
@@ -179,6 +189,8 @@ def _train(cfg: Config, setup: _Setup) -> TrainResult:
             _validate(cfg, setup, step)
         if t.ckpt_interval and step % t.ckpt_interval == 0 and step < t.max_steps:
             _save(cfg, setup, state)
+        if step < t.max_steps and stop.stop_requested():  # collective, same step on every rank
+            return _stop_on_signal(cfg, setup, state, progress, losses)
     if progress is not None:
         progress.close()
     metrics = _validate(cfg, setup, step)
@@ -186,6 +198,19 @@ def _train(cfg: Config, setup: _Setup) -> TrainResult:
     result = TrainResult(step, metrics, cfg.run_dir, setup.writer.log_dir, losses)
     _print_summary(result, env)
     return result
+
+
+def _stop_on_signal(cfg: Config, setup: _Setup, state: dict[str, Any], progress: Any,
+                    losses: list[tuple[int, float]]) -> TrainResult:
+    """Preemption: checkpoint the finished step, requeue under Slurm, report; the CLI exits 75."""
+    if progress is not None:
+        progress.close()
+    _save(cfg, setup, state)
+    requeued = requeue_slurm_job() if setup.env.is_main else False
+    if setup.env.is_main:
+        print(f"stopped on a signal at step {state['step']}: checkpoint committed"
+              + ("; Slurm job requeued" if requeued else "; restart the same command to resume"))
+    return TrainResult(state["step"], {}, cfg.run_dir, setup.writer.log_dir, losses, preempted=True)
 
 
 def _train_step(cfg: Config, setup: _Setup, batches: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -198,9 +223,13 @@ def _train_step(cfg: Config, setup: _Setup, batches: Any) -> tuple[torch.Tensor,
         loss = lm_loss(engine(batch[:, :-1]), batch[:, 1:])
         aux = engine.module.aux_loss()  # MoE load-balancing + z-loss (None for other models)
         engine.backward(loss if aux is None else loss + aux)  # DeepSpeed: / grad_accum, averaged over DP
-        if micro == accum - 1 and clips_manually(cfg.train):
+        last = micro == accum - 1
+        update_start = time.perf_counter()
+        if last and clips_manually(cfg.train):
             grad_norm = clip_gradients(engine.module, cfg.train.grad_clip, *_sharded_groups(setup))
         engine.step()  # applies the update only at the accumulation boundary
+        if last:
+            setup.update_s += time.perf_counter() - update_start
         total += loss.detach()
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
@@ -237,13 +266,32 @@ def _log_interval(setup: _Setup, stream: Any, interval_loss: torch.Tensor, start
               "train/tokens_per_s": tokens_per_step * steps / elapsed}
     if grad_norm is not None:  # the norm of the interval's last step
         values["train/grad_norm"] = float(grad_norm)
-    values.update({f"data/{k}": float(v) for k, v in stream.stats.items()})
+    values.update(_system_metrics(setup, stream, elapsed))
     values.update(dispatch_metrics(setup.engine.module, setup.device))
     values.update(router_metrics(setup.engine.module))
     setup.writer.scalars(values, step)
     get_logger().info("step %d  loss %.4f  lr %.2e  tok/s %.0f", step, values["train/loss"], lr,
                       values["train/tokens_per_s"])
     return values["train/loss"]
+
+
+def _system_metrics(setup: _Setup, stream: Any, elapsed: float) -> dict[str, float]:
+    """Memory, update-time share and data accounting, reduced over all ranks (two small all-reduces)."""
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    if setup.device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(setup.device) / 2**20
+    stats = stream.stats
+    # max over ranks: the worst rank's memory and update share; a bad shard seen by several ranks once
+    worst = torch.tensor([peak_mb, setup.update_s / max(elapsed, 1e-9), stats["skipped_shards"]],
+                         dtype=torch.float64, device=setup.device)
+    # sum over ranks: the ranks' sample slots are disjoint
+    summed = torch.tensor([stats["skipped_samples"]], dtype=torch.float64, device=setup.device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    dist.all_reduce(summed)
+    setup.update_s = 0.0
+    peak, update_share, shards = worst.tolist()  # NOTE: host sync (once per log interval)
+    return {"sys/peak_memory_mb": peak, "train/update_time_share": update_share,
+            "data/skipped_shards": shards, "data/skipped_samples": summed.item()}
 
 
 def _validate(cfg: Config, setup: _Setup, step: int) -> dict[str, float]:

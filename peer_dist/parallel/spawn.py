@@ -1,4 +1,4 @@
-"""Run a function on W gloo ranks in fresh processes, with a hard timeout (no hangs in CI)."""
+"""Run a function on W gloo ranks in fresh local processes, with a hard timeout (benchmarks, tests)."""
 
 from __future__ import annotations
 

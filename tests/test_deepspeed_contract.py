@@ -1,0 +1,99 @@
+"""Contract tests for the private DeepSpeed behaviour peer_dist relies on (deepspeed is pinned).
+
+If a DeepSpeed upgrade changes any of these, expert gradients would silently be averaged
+over the wrong ranks or checkpoints would lose shards: these tests fail first, loudly.
+Each runs a real DeepSpeed engine on 4 gloo ranks (EP = 2, and TP = 2 x EP = 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from peer_dist.parallel.spawn import run_ranks
+
+OVERRIDES = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
+             "model.peer.num_experts=256", "model.peer.heads=2", "model.peer.topk=4", "model.peer.d_key=16",
+             "train.micro_batch_size=2"]
+
+
+def _engine(rank: int, world: int, tp: int, ep: int, zero: int):  # noqa: ANN202
+    from peer_dist.config import load_config
+    from peer_dist.model import ExpertPlacement, build_model
+    from peer_dist.parallel.expert_parallel import parallelize_experts
+    from peer_dist.parallel.layout import ParallelLayout
+    from peer_dist.train.engine import build_engine
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)  # as the trainer does
+    cfg = load_config(None, [*OVERRIDES, f"parallel.tp={tp}", f"parallel.ep={ep}", f"train.zero_stage={zero}"])
+    layout = ParallelLayout(world, tp=tp, ep=ep)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 64, ExpertPlacement(ep, layout.ep_rank(rank)))
+    parallelize_experts(model, layout, rank)
+    return build_engine(model, cfg, layout), layout
+
+
+def _contract_worker(rank: int, world: int, tp: int, save_dir: str) -> dict[str, object]:
+    import deepspeed
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+    from deepspeed.utils import groups
+
+    engine, layout = _engine(rank, world, tp=tp, ep=2, zero=0)
+    name = "ep_size_2"
+    experts = [p for p in engine.module.parameters() if not getattr(p, "allreduce", True)]
+    dense = [p for p in engine.module.parameters() if getattr(p, "allreduce", True)]
+    out: dict[str, object] = {
+        # 1. the shim is recognised as a native MoE layer
+        "has_moe": engine.has_moe_layers, "num_experts": list(engine.num_experts),
+        "expert_params": len(experts),
+        # 2. DeepSpeed's own expert groups are the ones ParallelLayout describes
+        "ep_group": list(groups._EXPERT_PARALLEL_GROUP_RANKS[name]),
+        "edp_group": list(groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name]),
+        "layout_ep": layout.ep_group(rank), "layout_edp": layout.edp_group(rank),
+        "dp_world": groups._get_data_parallel_world_size(),
+        # 3. MoE optimizer groups hold exactly the expert params
+        "moe_groups": sorted(len(g["params"]) for g in engine.optimizer.param_groups if g.get("moe")),
+        "expert_model_parallel": all(is_model_parallel_parameter(p) for p in experts) if tp > 1 else None,
+    }
+    # 4. gradient reduction: expert grads summed over the expert-data-parallel group and divided by
+    #    the dense data-parallel size; dense grads averaged over the data-parallel group.
+    for p in engine.module.parameters():
+        p.grad = torch.full_like(p, float(rank + 1))
+    engine.buffered_allreduce_fallback()
+    out["expert_grad"] = float(experts[0].grad.flatten()[0])
+    out["dense_grad"] = float(dense[0].grad.flatten()[0])
+    # 5. checkpoint: expert keys leave the dense model states; one expert file per (EP rank, TP rank)
+    engine.save_checkpoint(save_dir, tag="t", save_latest=False)
+    torch.distributed.barrier()
+    if rank == 0:
+        states = torch.load(Path(save_dir) / "t" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        out["experts_in_dense_states"] = [k for k in states if "deepspeed_moe" in k]
+        out["files"] = sorted(p.name for p in (Path(save_dir) / "t").glob("*model_states.pt"))
+    out["deepspeed"] = deepspeed.__version__
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_deepspeed_moe_contract(tmp_path: Path, tp: int) -> None:
+    results = run_ranks(_contract_worker, 4, tp, str(tmp_path), timeout=240)
+    dp = 4 // tp
+    for rank, r in enumerate(results):
+        assert r["deepspeed"] == "0.19.8"  # the version these private APIs were checked against
+        assert r["has_moe"] and r["num_experts"] == [2] and r["expert_params"] == 2, r
+        assert sorted(r["ep_group"]) == sorted(r["layout_ep"]) and sorted(r["edp_group"]) == sorted(r["layout_edp"])
+        assert r["dp_world"] == dp
+        assert r["moe_groups"] == [2], r["moe_groups"]  # u and v, in one MoE group (no weight decay)
+        assert r["expert_model_parallel"] in (None, True)
+        edp = r["layout_edp"]
+        assert r["expert_grad"] == pytest.approx(sum(q + 1 for q in edp) / dp)
+        dense_group = [q for q in range(4) if q % tp == rank % tp]
+        assert r["dense_grad"] == pytest.approx(sum(q + 1 for q in dense_group) / dp)
+    lanes = [f"_mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
+    assert results[0]["experts_in_dense_states"] == []
+    assert results[0]["files"] == sorted([f"layer_0_expert_{e}{lane}" for e in range(2) for lane in lanes]
+                                         + [lane.lstrip("_") for lane in lanes])

@@ -1,0 +1,162 @@
+"""Interrupted runs resume exactly: a stop signal or kill -9 at a step, a restart of the same
+command, and the loss sequence and final weights equal an uninterrupted run's.
+
+Equal losses at every step after the restart also mean the data continued exactly: a
+repeated or skipped batch would change them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, TORCHRUN, _env, final_weights, run_cli
+from tests.test_train import TINY
+
+STEPS = 12
+COMMON = [*TINY, f"train.max_steps={STEPS}", "train.ckpt_interval=3", "train.eval_interval=0"]
+
+
+def _args(data: Path, tmp: Path, name: str, extra: list[str]) -> list[str]:
+    return ["train", *COMMON, f"data.path={data}", f"run.dir={tmp}", f"run.name={name}", *extra]
+
+
+def _losses_by_step(run: Path) -> dict[int, float]:
+    """Step -> training loss; a step logged again after a restart keeps its last value."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            out[row["step"]] = row["train/loss"]
+    return out
+
+
+def _start(args: list[str], nproc: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "peer_dist.cli", *args] if nproc == 1 else \
+        [str(TORCHRUN), "--standalone", f"--nproc-per-node={nproc}", "-m", "peer_dist.cli", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").is_file() and max(_losses_by_step(run), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"run did not reach step {step} in {timeout}s")
+
+
+def _interrupt(tmp: Path, data: Path, extra: list[str], nproc: int, how: str, at_step: int,
+               signalled_rank: int = 0) -> tuple[Path, subprocess.CompletedProcess]:
+    """Start a run, interrupt it once it logged ``at_step``; returns the run folder and how it ended."""
+    run = tmp / "interrupted"
+    proc = _start(_args(data, tmp, "interrupted", extra), nproc)
+    _wait_for_step(run, at_step, proc)
+    if how == "kill9":
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, no chance to clean up
+    else:
+        target = proc.pid if nproc == 1 else _worker_pids(proc.pid)[signalled_rank]
+        os.kill(target, signal.SIGTERM if how == "sigterm" else signal.SIGUSR1)
+    out, err = proc.communicate(timeout=240)
+    return run, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _resume(tmp: Path, data: Path, extra: list[str], nproc: int) -> None:
+    run_cli(_args(data, tmp, "interrupted", extra), nproc=nproc, timeout=280)  # the same command again
+
+
+def _stopped_step(run: Path, first: subprocess.CompletedProcess) -> int:
+    """The step a signalled run stopped at; its checkpoint must be committed and intact."""
+    from peer_dist.checkpoint.store import resolve_checkpoint
+
+    stopped = int(first.stdout.split("stopped on a signal at step ")[1].split(":")[0])
+    assert resolve_checkpoint(run / "checkpoints" / f"step_{stopped:06d}").step == stopped
+    return stopped
+
+
+def _worker_pids(agent_pid: int) -> list[int]:
+    """torchrun's worker processes, by local rank (their command lines are identical; pid order = spawn order)."""
+    children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
+    return sorted(int(c) for c in children)
+
+
+def _assert_matches(run: Path, reference: Path) -> None:
+    ref, got = _losses_by_step(reference), _losses_by_step(run)
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    torch.testing.assert_close(torch.tensor([got[s] for s in ref]), torch.tensor(list(ref.values())),
+                               rtol=1e-6, atol=0)
+    ref_w, w = final_weights(reference), final_weights(run)
+    for name in ref_w:
+        torch.testing.assert_close(w[name], ref_w[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    runs = {}
+    for key, extra, nproc in (("one", ["train.micro_batch_size=8"], 1),):
+        run_cli(_args(tiny_data, tmp, key, extra), nproc=nproc, timeout=280)
+        runs[key] = tmp / key
+    return runs
+
+
+@pytest.mark.timeout(400)
+def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path, tiny_data: Path,
+                                                          uninterrupted: dict[str, Path]) -> None:
+    extra = ["train.micro_batch_size=8"]
+    run, first = _interrupt(tmp_path, tiny_data, extra, 1, "sigterm", at_step=4)
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert 4 <= _stopped_step(run, first) < STEPS  # the finished step, not the last interval checkpoint
+    _resume(tmp_path, tiny_data, extra, 1)
+    _assert_matches(run, uninterrupted["one"])
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill9_resumes_exactly_from_the_last_checkpoint(tmp_path: Path, tiny_data: Path,
+                                                        uninterrupted: dict[str, Path], workers: int) -> None:
+    extra = ["train.micro_batch_size=8", f"data.num_workers={workers}"]
+    run, first = _interrupt(tmp_path, tiny_data, extra, 1, "kill9", at_step=5)
+    assert first.returncode == -signal.SIGKILL
+    _resume(tmp_path, tiny_data, extra, 1)
+    _assert_matches(run, uninterrupted["one"])
+
+
+TWO_RANK = {"dp2": ["train.micro_batch_size=4"], "ep2": ["train.micro_batch_size=4", "parallel.ep=2"]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("uninterrupted2")
+    for key, extra in TWO_RANK.items():
+        run_cli(_args(tiny_data, tmp, key, extra), nproc=2, timeout=280)
+    return {key: tmp / key for key in TWO_RANK}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("layout", sorted(TWO_RANK))
+@pytest.mark.parametrize("how", ["sigusr1", "kill9"])
+def test_two_ranks_resume_exactly(tmp_path: Path, tiny_data: Path, uninterrupted_two_ranks: dict[str, Path],
+                                  layout: str, how: str) -> None:
+    """SIGUSR1 to rank 1 only: both ranks stop at the same step with a checkpoint. kill -9 of the whole
+    job: the restart falls back to the last interval checkpoint. Either way the run continues exactly."""
+    run, first = _interrupt(tmp_path, tiny_data, TWO_RANK[layout], 2, how, at_step=5, signalled_rank=1)
+    if how == "sigusr1":
+        # torchrun reports the first worker that exited (75) and stops the other once it is done.
+        assert first.returncode != 0 and "exitcode  : 75" in first.stderr, first.stderr[-3000:]
+        _stopped_step(run, first)  # the step both ranks agreed on, committed by both
+    _resume(tmp_path, tiny_data, TWO_RANK[layout], 2)
+    _assert_matches(run, uninterrupted_two_ranks[layout])
