@@ -92,6 +92,8 @@ class DataConfig:
     num_workers: int = _at_least(0, 0)
     bad_shard: str = _choice("error", ("error", "skip"))
     verify: bool = True  # check every shard's size and sha256 against the manifest
+    read_retries: int = _at_least(3, 0)  # re-reads of a shard whose read failed (remote: dropped connection)
+    retry_wait_s: float = _at_least(0.5, 0.0)  # wait before the first retry, doubled for each further one
 
 
 @dataclass
@@ -125,6 +127,23 @@ class TrainConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Bad-step protection: NaN/Inf or spiking losses are skipped on every rank alike."""
+
+    enabled: bool = True
+    spike_factor: float = _at_least(0.0, 0.0)  # a loss above factor x the running mean is bad (0: off)
+    spike_window: int = _at_least(20, 1)  # steps in the running mean; no spike check before it fills
+    max_bad_steps: int = _at_least(3, 1)  # after this many bad steps: roll back to the last good checkpoint
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection for tests and drills (also PEER_DIST_FAULTS in the environment): see faults.py."""
+
+    inject: list[str] = field(default_factory=list)  # e.g. ["crash:step=5:rank=1", "nan:step=3"]
+
+
+@dataclass
 class ParallelConfig:
     """Parallel layout (see peer_dist/parallel/layout.py): data parallel fills world / tp."""
 
@@ -147,6 +166,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -367,6 +388,7 @@ RESUME_SAFE_KEYS = (
     "run", "train.max_steps", "train.log_interval", "train.eval_interval", "train.eval_batches",
     "train.ckpt_interval", "train.progress", "data.num_workers", "data.verify", "data.path",
     "parallel",  # the layout is checked against the checkpoint's separately (resharding decides)
+    "guard", "faults", "data.read_retries", "data.retry_wait_s",
 )
 
 
