@@ -23,11 +23,11 @@ def write_atomic(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable."""
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename inside it), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -1,13 +1,13 @@
 """Contract tests for the private DeepSpeed behaviour peer_dist relies on (deepspeed is pinned).
 
 If a DeepSpeed upgrade changes any of these, expert gradients would silently be averaged
-over the wrong ranks or checkpoints would lose shards: these tests fail first, loudly.
+over the wrong ranks: these tests fail first, loudly. (Checkpoints do not use DeepSpeed's
+format; their gather/scatter goes through its public safe_get/set_full_* API, exercised
+by the resume tests.)
 Each runs a real DeepSpeed engine on 4 gloo ranks (EP = 2, and TP = 2 x EP = 2).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +37,7 @@ def _engine(rank: int, world: int, tp: int, ep: int, zero: int):  # noqa: ANN202
     return build_engine(model, cfg, layout), layout
 
 
-def _contract_worker(rank: int, world: int, tp: int, save_dir: str) -> dict[str, object]:
+def _contract_worker(rank: int, world: int, tp: int) -> dict[str, object]:
     import deepspeed
     from deepspeed.runtime.utils import is_model_parallel_parameter
     from deepspeed.utils import groups
@@ -66,21 +66,14 @@ def _contract_worker(rank: int, world: int, tp: int, save_dir: str) -> dict[str,
     engine.buffered_allreduce_fallback()
     out["expert_grad"] = float(experts[0].grad.flatten()[0])
     out["dense_grad"] = float(dense[0].grad.flatten()[0])
-    # 5. checkpoint: expert keys leave the dense model states; one expert file per (EP rank, TP rank)
-    engine.save_checkpoint(save_dir, tag="t", save_latest=False)
-    torch.distributed.barrier()
-    if rank == 0:
-        states = torch.load(Path(save_dir) / "t" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-        out["experts_in_dense_states"] = [k for k in states if "deepspeed_moe" in k]
-        out["files"] = sorted(p.name for p in (Path(save_dir) / "t").glob("*model_states.pt"))
     out["deepspeed"] = deepspeed.__version__
     return out
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("tp", [1, 2])
-def test_deepspeed_moe_contract(tmp_path: Path, tp: int) -> None:
-    results = run_ranks(_contract_worker, 4, tp, str(tmp_path), timeout=240)
+def test_deepspeed_moe_contract(tp: int) -> None:
+    results = run_ranks(_contract_worker, 4, tp, timeout=240)
     dp = 4 // tp
     for rank, r in enumerate(results):
         assert r["deepspeed"] == "0.19.8"  # the version these private APIs were checked against
@@ -93,7 +86,3 @@ def test_deepspeed_moe_contract(tmp_path: Path, tp: int) -> None:
         assert r["expert_grad"] == pytest.approx(sum(q + 1 for q in edp) / dp)
         dense_group = [q for q in range(4) if q % tp == rank % tp]
         assert r["dense_grad"] == pytest.approx(sum(q + 1 for q in dense_group) / dp)
-    lanes = [f"_mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
-    assert results[0]["experts_in_dense_states"] == []
-    assert results[0]["files"] == sorted([f"layer_0_expert_{e}{lane}" for e in range(2) for lane in lanes]
-                                         + [lane.lstrip("_") for lane in lanes])

@@ -3,17 +3,20 @@
 Layout under ``<run_dir>/checkpoints/``::
 
     step_000100/            one committed checkpoint
-        ds/                 DeepSpeed engine state (module, optimizer shards, scheduler)
+        state/              model + optimizer state, independent of the parallel layout
+                            (peer_dist/checkpoint/portable.py: dense.pt, experts/<layer>.epK.pt)
         rng/rank_00000.pt   each rank's RNG states (python, numpy, torch)
-        trainer_state.json  step, consumed samples/tokens, config hash, data fingerprint
+        trainer_state.json  step, consumed samples/tokens, layout, config hash, data fingerprint
         config.toml         the resolved config of the run
         manifest.json       every file above with size and sha256 (written last, fsync'd)
     latest                  name of the newest committed checkpoint (atomic os.replace)
 
 Commit protocol: every rank writes into ``.tmp-step_N/``; barrier (every rank has
-finished writing); rank 0 hashes the files, writes and fsyncs the manifest, renames
-the folder to ``step_N`` and replaces ``latest``; barrier. DeepSpeed's own ``latest``
-file is not used (it is written without fsync before its final barrier).
+finished writing); rank 0 fsyncs and hashes the files, writes and fsyncs the manifest,
+renames the folder to ``step_N`` and replaces ``latest``; barrier. Resume takes the
+newest folder whose manifest verifies. DeepSpeed's own checkpoint is not used: it
+cannot reload at another EP/DP size, writes one file per expert for native MoE, and
+its ``latest`` is written without fsync before its final barrier.
 The folder must be on a file system every rank sees (as for any multi-node trainer).
 """
 
@@ -23,7 +26,6 @@ import json
 import os
 import random
 import re
-import tomllib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +35,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from peer_dist.checkpoint.portable import DENSE_FILE, full_model_state, load_portable, save_portable
 from peer_dist.errors import CheckpointError
-from peer_dist.fileio import fsync_dir, sha256_file, write_atomic
+from peer_dist.fileio import fsync_path, sha256_file, write_atomic
 from peer_dist.log import get_logger
+from peer_dist.parallel.layout import ParallelLayout
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
-DS_TAG = "ds"
+STATE_DIR = "state"
 
 
 @dataclass
@@ -60,7 +64,7 @@ def step_dir_name(step: int) -> str:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, engine: Any, trainer_state: dict[str, Any],
-                    config_toml: str, keep: int) -> Path:
+                    config_toml: str, keep: int, layout: ParallelLayout, tp_group: Any = None) -> Path:
     """Collective: every rank calls it. Returns the committed folder."""
     rank = dist.get_rank()
     final = ckpt_root / step_dir_name(step)
@@ -69,7 +73,7 @@ def save_checkpoint(ckpt_root: Path, step: int, engine: Any, trainer_state: dict
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
     dist.barrier()
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    save_portable(tmp / STATE_DIR, engine, layout, tp_group)
     (tmp / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
@@ -85,13 +89,15 @@ def save_checkpoint(ckpt_root: Path, step: int, engine: Any, trainer_state: dict
 
 def _commit(tmp: Path, final: Path, ckpt_root: Path) -> None:
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    for path in files:  # durable before the manifest says they are there
+        fsync_path(path)
     manifest = {"files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                           for p in files}}
     write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     if final.exists():  # a re-save of the same step (e.g. after a rollback) replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    fsync_dir(ckpt_root)
+    fsync_path(ckpt_root)
     write_atomic(ckpt_root / "latest", final.name)
     get_logger().info("checkpoint committed: %s (%d files)", final, len(files))
 
@@ -171,77 +177,25 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
 def load_module_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """The full, unsharded model state dict (no DeepSpeed engine needed), e.g. for `peer-dist eval`.
 
-    Merges what a parallel run wrote: tensor-parallel shards of the dense weights
-    (one ``mp_rank_NN_model_states.pt`` per TP rank) and the expert shards (one
-    ``layer_L_expert_R_mp_rank_NN_model_states.pt`` per layer and EP rank), so the
-    result loads into a model built with all experts.
+    Whatever layout wrote it: expert tables are assembled from their shards by global id.
     """
-    folder = ckpt.path / DS_TAG
-    files = sorted(folder.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise CheckpointError(f"checkpoint {ckpt.path} has no model states under {DS_TAG}/")
-    shards = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
-    state = _merge_tp_shards(shards)
-    expert_files = sorted(folder.glob("layer_*_expert_*_mp_rank_*_model_states.pt"))
-    if expert_files:
-        state.update(_merge_expert_shards(ckpt, expert_files))
-    return state
+    if not (ckpt.path / STATE_DIR / DENSE_FILE).is_file():
+        raise CheckpointError(f"checkpoint {ckpt.path} has no {STATE_DIR}/{DENSE_FILE}: not a peer_dist checkpoint "
+                              "of this version")
+    return full_model_state(ckpt.path / STATE_DIR)
 
 
-def _merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate AutoTP shards: column-parallel weights along dim 0, row-parallel along dim 1."""
-    if len(shards) == 1:
-        return dict(shards[0])
-    from peer_dist.train.engine import TP_LAYER_SPECS
+def load_engine_state(ckpt: Checkpoint, engine: Any, layout: ParallelLayout) -> int:
+    """Collective: restore model and optimizer into ``engine`` (any layout) and this rank's RNG.
 
-    merged = {}
-    for key, first in shards[0].items():
-        dim = None
-        for spec in TP_LAYER_SPECS:
-            if any(re.fullmatch(pattern, key) for pattern in spec["patterns"]):
-                dim = 0 if spec["partition_type"] == "column" else 1
-        merged[key] = first if dim is None else torch.cat([s[key] for s in shards], dim=dim)
-    return merged
-
-
-_EXPERT_KEY = re.compile(r"^(?P<module>.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<shard>\d+)\.(?P<param>.+)$")
-
-
-def _merge_expert_shards(ckpt: Checkpoint, files: list[Path]) -> dict[str, torch.Tensor]:
-    """Expert shards (one file per layer and EP rank) -> full tables under the unsharded names."""
-    from peer_dist.model.expert_tables import ExpertSharding
-
-    config = tomllib.loads((ckpt.path / "config.toml").read_text())
-    layout = config.get("parallel", {}).get("expert_layout", "permuted")
-    pieces: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for f in files:
-        for key, tensor in torch.load(f, map_location="cpu", weights_only=False).items():
-            match = _EXPERT_KEY.match(key)
-            if match is None:
-                raise CheckpointError(f"{f} holds an unexpected expert key {key!r}")
-            pieces.setdefault((match["module"], match["param"]), {})[int(match["shard"])] = tensor
-    full = {}
-    for (module, param), by_shard in pieces.items():
-        ep = len(by_shard)
-        rows = next(iter(by_shard.values())).shape[0]
-        sharding = ExpertSharding(rows * ep, ep, 0, layout)
-        table = torch.empty((rows * ep, *next(iter(by_shard.values())).shape[1:]),
-                            dtype=next(iter(by_shard.values())).dtype)
-        for shard, tensor in by_shard.items():
-            table[sharding.global_ids(shard)] = tensor
-        full[f"{module}.{param}"] = table
-    return full
-
-
-def load_engine_state(ckpt: Checkpoint, engine: Any) -> None:
-    """Collective: restore module, optimizer and scheduler into ``engine``, and this rank's RNG."""
-    load_path, _ = engine.load_checkpoint(str(ckpt.path), tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load the engine state from {ckpt.path / DS_TAG}")
+    Returns Adam's step count. The RNG states come back only when this rank existed in
+    the saving run (same world size); training itself draws no random numbers.
+    """
+    step_count = load_portable(ckpt.path / STATE_DIR, engine, layout)
     rng_file = ckpt.path / "rng" / f"rank_{dist.get_rank():05d}.pt"
-    if rng_file.is_file():
+    if ckpt.trainer_state().get("world") == dist.get_world_size() and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
+    return step_count
 
 
 def rng_state() -> dict[str, Any]:

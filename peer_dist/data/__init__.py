@@ -3,7 +3,7 @@
     prepare.py     text -> tokens -> fixed-length samples -> tar shards + manifest.json
     corpus.py      which files make the corpus (default: Python's standard library source)
     tokenizers.py  byte-level and locally trained byte-level BPE
-    manifest.py    the manifest, its fingerprint, local and remote (pipe:, http) locations
+    manifest.py    the manifest, its fingerprint, local and remote (pipe:, http) locations, reads with retries
     order.py       the sample order: a pure function of (shards, seed, epoch, global index)
     loader.py      verified shard reads, the training stream, validation batches
 """

@@ -13,7 +13,11 @@ checked against the manifest and decoded:
 - sample count and sample shape, always (cheap, and catches the truncation even
   with ``verify`` off).
 
-A shard that fails is handled by the bad-shard policy: ``error`` stops with one
+A failed read of a remote shard (``pipe:``, http), or a read whose bytes fail
+these checks, is retried ``read_retries`` times with exponential backoff from
+``retry_wait_s`` (see ``manifest.read_retrying``; local files only for transient
+OSErrors); the retries and the reads given up on are counted (``read_stats``).
+A shard that still fails is handled by the bad-shard policy: ``error`` stops with one
 message naming the shard; ``skip`` logs it by name, counts it, and fills each of
 its sample slots with the next good sample of the same epoch, so batches keep
 their size and every other sample keeps its place in the order.
@@ -21,6 +25,7 @@ their size and every other sample keeps its place in the order.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 from collections import OrderedDict
@@ -32,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from peer_dist.data.manifest import SAMPLE_EXT, Manifest, read_bytes
+from peer_dist.data.manifest import SAMPLE_EXT, Manifest, ReadFailed, ReadStats, read_retrying
 from peer_dist.data.order import SampleOrder, micro_batch_sample_ids
 from peer_dist.errors import DataError
 from peer_dist.fileio import sha256_bytes
@@ -48,17 +53,21 @@ class ShardProblem(Exception):
 
 @dataclass(frozen=True)
 class _Failure:
-    """A worker's error, carried back as data so the main process raises it cleanly."""
+    """A worker's error, carried back as data so the main process raises it cleanly (with its read counts)."""
 
     message: str
+    reads: ReadStats
 
 
 class ShardReader:
     """Reads, verifies and decodes shards of one split; keeps the last few decoded."""
 
-    def __init__(self, manifest: Manifest, split: str, verify: bool) -> None:
+    def __init__(self, manifest: Manifest, split: str, verify: bool, read_retries: int = 0,
+                 retry_wait_s: float = 0.5) -> None:
         self.manifest, self.split, self.verify = manifest, split, verify
+        self.read_retries, self.retry_wait_s = read_retries, retry_wait_s
         self.infos = manifest.shards(split)
+        self.reads = ReadStats()  # retries and failed reads of this process
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def rows(self, shard: int) -> np.ndarray:
@@ -76,13 +85,16 @@ class ShardReader:
         return self.manifest.location(self.infos[shard].file)
 
     def _load(self, shard: int) -> np.ndarray:
-        info = self.infos[shard]
+        """Read and decode shard ``shard``, retrying as ``read_retrying`` decides; raises ShardProblem."""
         try:
-            data = read_bytes(self.location(shard))
-        except FileNotFoundError:
-            raise ShardProblem("does not exist") from None
-        except Exception as exc:
-            raise ShardProblem(f"could not be read ({_one_line(exc)})") from None
+            return read_retrying(self.location(shard), functools.partial(self._decode, shard), self.read_retries,
+                                 self.retry_wait_s, self.reads)
+        except ReadFailed as failed:
+            raise ShardProblem(_describe(failed.error) + failed.after) from None
+
+    def _decode(self, shard: int, data: bytes) -> np.ndarray:
+        """Check the bytes of shard ``shard`` against the manifest and decode them; raises ShardProblem."""
+        info = self.infos[shard]
         if self.verify:
             if len(data) != info.bytes:
                 raise ShardProblem(f"has {len(data)} bytes, the manifest says {info.bytes} (truncated or replaced)")
@@ -103,6 +115,15 @@ class ShardReader:
         return rows
 
 
+def _describe(exc: Exception) -> str:
+    """What went wrong with a shard, as the rest of a sentence starting with its name."""
+    if isinstance(exc, ShardProblem):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return "does not exist"
+    return f"could not be read ({_one_line(exc)})"
+
+
 def _decode_tar(data: bytes, url: str) -> list[bytes]:
     from webdataset import tariterators
 
@@ -111,6 +132,11 @@ def _decode_tar(data: bytes, url: str) -> list[bytes]:
         return [s[SAMPLE_EXT] for s in tariterators.group_by_keys(files) if SAMPLE_EXT in s]
     except Exception as exc:
         raise ShardProblem(f"is not a readable tar file ({_one_line(exc)})") from None
+
+
+def _check_retries(read_retries: int, retry_wait_s: float) -> None:
+    if read_retries < 0 or retry_wait_s < 0:
+        raise DataError(f"data.read_retries={read_retries}, data.retry_wait_s={retry_wait_s}: both must be >= 0")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -128,13 +154,14 @@ class _MicroBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, manifest: Manifest, order: SampleOrder, rank: int, world: int, micro_batch_size: int,
-                 grad_accum: int, bad_shard: str, verify: bool) -> None:
+                 grad_accum: int, bad_shard: str, verify: bool, read_retries: int, retry_wait_s: float) -> None:
         self.order, self.rank, self.world = order, rank, world
         self.micro_batch_size, self.grad_accum, self.bad_shard = micro_batch_size, grad_accum, bad_shard
-        self.reader = ShardReader(manifest, "train", verify)
+        self.reader = ShardReader(manifest, "train", verify, read_retries, retry_wait_s)
         self.bad: set[int] = set()
 
-    def __getitem__(self, j: int) -> tuple[torch.Tensor, frozenset[str], int] | _Failure:
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, frozenset[str], int, ReadStats] | _Failure:
+        """The micro-batch, shards newly found bad, slots refilled, and the read counts since the last item."""
         step, micro = divmod(j, self.grad_accum)
         ids = micro_batch_sample_ids(step, micro, self.rank, self.world, self.micro_batch_size, self.grad_accum)
         rows, new_bad, skipped = [], set(), 0
@@ -142,11 +169,12 @@ class _MicroBatches(torch.utils.data.Dataset):
             try:
                 row, found, replaced = self._row(g)
             except ShardProblem as exc:  # only raised under bad_shard=error
-                return _Failure(str(exc))
+                return _Failure(str(exc), self.reader.reads.take())
             rows.append(row)
             new_bad |= found
             skipped += replaced
-        return torch.from_numpy(np.stack(rows)), frozenset(new_bad), skipped
+        # The counts travel with the item: a worker process's counters are not visible to the main process.
+        return torch.from_numpy(np.stack(rows)), frozenset(new_bad), skipped, self.reader.reads.take()
 
     def _row(self, g: int) -> tuple[np.ndarray, set[str], int]:
         """The row of global sample ``g`` (or its replacement under skip), newly found bad shards, 0/1 replaced."""
@@ -194,20 +222,26 @@ class TrainStream:
     Yields int64 tensors (micro_batch_size, seq_len + 1). ``consumed_samples`` counts
     the global samples of every step whose micro-batches have all been handed out
     (what a checkpoint stores to resume exactly). ``stats`` counts skipped shards and
-    sample slots refilled under ``bad_shard="skip"`` as seen by this rank.
+    sample slots refilled under ``bad_shard="skip"`` as seen by this rank;
+    ``read_stats`` counts ``read_retries`` (attempts repeated after a failed read,
+    manifest included) and ``failed_reads`` (reads given up on, after which the
+    bad-shard policy applies), summed over this rank's loader processes (each worker
+    reads a shard it needs itself) for the batches handed out so far.
     """
 
     def __init__(self, data_dir: str | Path, rank: int, world: int, micro_batch_size: int, grad_accum: int = 1,
                  seed: int = 0, start_step: int = 0, num_workers: int = 0, bad_shard: str = "error",
-                 verify: bool = True) -> None:
+                 verify: bool = True, read_retries: int = 3, retry_wait_s: float = 0.5) -> None:
         if bad_shard not in BAD_SHARD_POLICIES:
             raise DataError(f"data.bad_shard={bad_shard!r} is not a policy; allowed: {', '.join(BAD_SHARD_POLICIES)}")
+        _check_retries(read_retries, retry_wait_s)
         if not 0 <= rank < world:
             raise DataError(f"rank={rank}, world={world}: the rank must be in 0..world-1")
         if micro_batch_size < 1 or grad_accum < 1 or start_step < 0 or num_workers < 0:
             raise DataError(f"micro_batch_size={micro_batch_size}, grad_accum={grad_accum} must be >= 1, "
                             f"start_step={start_step}, num_workers={num_workers} >= 0")
-        self.manifest = Manifest.load(data_dir)
+        self._reads = ReadStats()
+        self.manifest = Manifest.load(data_dir, read_retries, retry_wait_s, self._reads)
         shards = self.manifest.shards("train")
         if not shards:
             raise DataError(f"{data_dir} has no train shards; re-run `peer-dist prepare`")
@@ -217,6 +251,7 @@ class TrainStream:
         self.global_batch = micro_batch_size * grad_accum * world
         self.start_step, self.num_workers = start_step, num_workers
         self.bad_shard, self.verify = bad_shard, verify
+        self.read_retries, self.retry_wait_s = read_retries, retry_wait_s
         self.consumed_samples = start_step * self.global_batch
         self._bad_shards: set[str] = set()
         self._skipped_samples = 0
@@ -225,13 +260,18 @@ class TrainStream:
     def stats(self) -> dict[str, int]:
         return {"skipped_shards": len(self._bad_shards), "skipped_samples": self._skipped_samples}
 
+    @property
+    def read_stats(self) -> dict[str, int]:
+        # Kept apart from ``stats`` (whose two keys callers compare as a whole); the trainer logs both.
+        return {"read_retries": self._reads.retries, "failed_reads": self._reads.failed}
+
     def state_dict(self) -> dict[str, Any]:
         return {"consumed_samples": self.consumed_samples, "global_batch": self.global_batch, "seed": self.seed,
-                **self.stats}
+                **self.stats, **self.read_stats}
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         dataset = _MicroBatches(self.manifest, self.order, self.rank, self.world, self.micro_batch_size,
-                                self.grad_accum, self.bad_shard, self.verify)
+                                self.grad_accum, self.bad_shard, self.verify, self.read_retries, self.retry_wait_s)
         first = self.consumed_samples // self.global_batch * self.grad_accum
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, sampler=_From(first), num_workers=self.num_workers, collate_fn=_as_is,
@@ -239,8 +279,10 @@ class TrainStream:
         )
         for j, item in enumerate(loader, start=first):
             if isinstance(item, _Failure):
+                self._reads.add(item.reads)
                 raise DataError(item.message)
-            batch, found, skipped = item
+            batch, found, skipped, reads = item
+            self._reads.add(reads)
             self._bad_shards |= found
             self._skipped_samples += skipped
             if (j + 1) % self.grad_accum == 0:  # the step's last micro-batch: the step is consumed
@@ -251,16 +293,18 @@ class TrainStream:
 # ---------------------------------------------------------------------------- validation
 
 
-def val_batches(data_dir: str | Path, rank: int, world: int, batch_size: int,
-                max_batches: int | None = None) -> Iterator[torch.Tensor]:
+def val_batches(data_dir: str | Path, rank: int, world: int, batch_size: int, max_batches: int | None = None,
+                read_retries: int = 3, retry_wait_s: float = 0.5) -> Iterator[torch.Tensor]:
     """This rank's validation batches, int64 (batch_size, seq_len + 1), in a fixed order.
 
     Batch ``b`` of rank ``r`` is samples ``[(b * world + r) * batch_size, + batch_size)``
     of the validation split in shard order; every rank gets the same number of
     batches (the collective evaluation needs that), the remainder is left out.
-    Validation shards are always verified; a bad one is an error.
+    Validation shards are always verified; a failed read is retried like a training
+    shard's (``read_retries``, ``retry_wait_s``), then a bad shard is an error.
     """
-    manifest = Manifest.load(data_dir)
+    _check_retries(read_retries, retry_wait_s)
+    manifest = Manifest.load(data_dir, read_retries, retry_wait_s)
     total = manifest.num_samples("val")
     if total == 0:
         raise DataError(f"{data_dir} has no validation split (it was prepared with val_fraction=0); "
@@ -271,7 +315,7 @@ def val_batches(data_dir: str | Path, rank: int, world: int, batch_size: int,
                         f"({world} ranks x batch size {batch_size}); lower the batch size")
     if max_batches is not None:
         count = min(count, max_batches)
-    return _val_iter(ShardReader(manifest, "val", verify=True), rank, world, batch_size, count)
+    return _val_iter(ShardReader(manifest, "val", True, read_retries, retry_wait_s), rank, world, batch_size, count)
 
 
 def _val_iter(reader: ShardReader, rank: int, world: int, batch_size: int, count: int) -> Iterator[torch.Tensor]:

@@ -185,8 +185,6 @@ def build_engine(model: nn.Module, cfg: Config, layout: ParallelLayout) -> Any:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
         config=deepspeed_config(t, layout.dp, layout.tp),
     )
-    if layout.ep > 1 and layout.tp > 1:
-        _write_experts_from_every_lane(engine, layout)
     return engine
 
 
@@ -199,15 +197,3 @@ def _count_expert_norms_on_every_lane(model: nn.Module) -> None:
     for p in model.parameters():
         if not getattr(p, "allreduce", True):
             p.model_parallel = True
-
-
-def _write_experts_from_every_lane(engine: Any, layout: ParallelLayout) -> None:
-    """DeepSpeed's MoE checkpoint lets only rank 0 of each expert-data-parallel group write, and
-    returns before writing anything else on the other ranks. With TP > 1 that group spans the TP
-    lanes, so lanes 1.. never wrote their model states (mp_rank_NN files), expert files or
-    optimizer states. Here the writers are the first EP group of every lane: exactly DeepSpeed's
-    choice when TP = 1, and one writer per (expert shard, TP rank) otherwise."""
-    import torch.distributed as dist
-
-    first_ep_group_of_lane = layout.dp_index(dist.get_rank()) < layout.ep
-    engine.checkpoint_engine.is_data_parallel_writer = lambda _dp_rank: first_ep_group_of_lane

@@ -113,24 +113,37 @@ def seed_everything(seed: int) -> None:
 
 
 def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
-    """Restore the newest good checkpoint of the run folder; refuse one from another run."""
+    """Restore the newest good checkpoint of the run folder; refuse one from another run.
+
+    The parallel layout and the world size may differ from the saving run's (elastic
+    resume: expert tables and optimizer state are resharded); the global batch may not,
+    since step s must continue on global samples [s * G, (s + 1) * G).
+    """
     expected = {"config_hash": config_hash(cfg), "data_fingerprint": setup.manifest.fingerprint,
-                "world": setup.env.world, "layout": _layout_state(setup.layout)}
+                "global_batch": _global_batch(cfg, setup.layout)}
     ckpt = latest_good(cfg.run_dir / "checkpoints")
     if ckpt is None:
         return {"step": 0, "consumed_samples": 0, "consumed_tokens": 0}
     state = ckpt.trainer_state()
     for key, value in expected.items():
         if state.get(key) != value:
+            hint = ("micro_batch_size x grad_accum x (world / parallel.tp) must stay the same"
+                    if key == "global_batch" else "resume it with the same config and data")
             raise CheckpointError(
                 f"run folder {cfg.run_dir} holds a checkpoint ({ckpt.path.name}) with {key}={state.get(key)!r}, "
-                f"this run has {key}={value!r}; resume it with the same config/data/world size, "
-                f"or pick a new run.name"
+                f"this run has {key}={value!r}: {hint}, or pick a new run.name"
             )
-    load_engine_state(ckpt, setup.engine)
+    if state.get("layout") != _layout_state(setup.layout):
+        get_logger().info("elastic resume: checkpoint written at world %s %s, resharding to world %d %s",
+                          state.get("world"), state.get("layout"), setup.env.world, _layout_state(setup.layout))
+    load_engine_state(ckpt, setup.engine, setup.layout)
     _schedule_lr_at(setup.engine, state["step"])
     get_logger().info("resumed from %s (step %d)", ckpt.path, state["step"])
     return state
+
+
+def _global_batch(cfg: Config, layout: ParallelLayout) -> int:
+    return cfg.train.micro_batch_size * cfg.train.grad_accum * layout.dp
 
 
 def _schedule_lr_at(engine: Any, step: int) -> None:
@@ -159,7 +172,7 @@ def _train(cfg: Config, setup: _Setup, stop: PreemptionHandler) -> TrainResult:
     seq_len = setup.manifest.seq_len
     # The data is split over the data-parallel replicas; the TP ranks of a replica share its batch.
     layout = setup.layout
-    global_batch = t.micro_batch_size * t.grad_accum * layout.dp
+    global_batch = _global_batch(cfg, layout)
     stream = TrainStream(
         cfg.data.path, rank=layout.dp_index(env.rank), world=layout.dp, micro_batch_size=t.micro_batch_size,
         grad_accum=t.grad_accum, seed=t.seed, start_step=state["step"], num_workers=cfg.data.num_workers,
@@ -308,9 +321,10 @@ def _validate(cfg: Config, setup: _Setup, step: int) -> dict[str, float]:
 
 def _save(cfg: Config, setup: _Setup, state: dict[str, Any]) -> None:
     trainer_state = dict(state, config_hash=config_hash(cfg), data_fingerprint=setup.manifest.fingerprint,
-                         world=setup.env.world, layout=_layout_state(setup.layout))
+                         world=setup.env.world, layout=_layout_state(setup.layout),
+                         global_batch=_global_batch(cfg, setup.layout))
     save_checkpoint(cfg.run_dir / "checkpoints", state["step"], setup.engine, trainer_state, dump_toml(cfg),
-                    keep=3)
+                    keep=3, layout=setup.layout, tp_group=_sharded_groups(setup)[1])
 
 
 def _layout_state(layout: ParallelLayout) -> dict[str, int]:
