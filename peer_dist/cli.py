@@ -1,4 +1,4 @@
-"""`peer-dist` command line: prepare | train | eval | bench."""
+"""`peer-dist` command line: prepare | train | eval | export | bench."""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from peer_dist.checkpoint.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} -> {out} (model.safetensors, config.toml)")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     return args.bench_run(args)
 
@@ -67,12 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="validation loss, perplexity and expert metrics of a checkpoint")
-    p.add_argument("checkpoint", help="run folder, its checkpoints/ folder, or one step_NNNNNN folder")
+    p.add_argument("checkpoint", help="run folder, its checkpoints/ folder, a step_NNNNNN folder or an export")
     p.add_argument("--data", default=None, help="prepared data folder (default: the one the run trained on)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--batches", type=int, default=None, help="validation batches per rank (default: all)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="full unsharded weights (safetensors) + config of a checkpoint")
+    p.add_argument("checkpoint", help="run folder, its checkpoints/ folder, or one step_NNNNNN folder")
+    p.add_argument("--output", "-o", required=True, help="folder for model.safetensors and config.toml")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in --output")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bench = p.add_subparsers(dest="bench", required=True)

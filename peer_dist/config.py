@@ -119,8 +119,12 @@ class TrainConfig:
     eval_interval: int = _at_least(100, 0)  # 0: only at the end
     eval_batches: int = _at_least(20, 1)  # per rank
     ckpt_interval: int = _at_least(0, 0)  # 0: only at the end
+    ckpt_keep: int = _at_least(3, 1)  # committed checkpoints kept (older ones are deleted after a commit)
     device: str = _choice("auto", ("auto", "cpu", "cuda"))
     backend: str = _choice("auto", ("auto", "gloo", "nccl"))
+    # Bound on the rendezvous and on every collective: a stalled or dead rank makes the job exit
+    # non-zero after this long instead of hanging.
+    collective_timeout_s: float = _at_least(600.0, 1.0)
     progress: bool = True  # progress bar on rank 0
     # Signals that stop training cleanly: finish the step, checkpoint, exit 75 (requeue under Slurm).
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
@@ -319,8 +323,10 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.train.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio={cfg.train.min_lr_ratio} must be between 0 and 1")
     _validate_parallel(cfg)
-    from peer_dist.train.signals import parse_signal  # local import: reading a config needs no torch
+    from peer_dist.train.faults import parse_faults  # local imports: reading a config needs no torch
+    from peer_dist.train.signals import parse_signal
 
+    parse_faults(cfg.faults)  # a bad fault spec (config or PEER_DIST_FAULTS) stops the run before any work
     for name in cfg.train.stop_signals:
         try:
             parse_signal(name)
@@ -386,9 +392,11 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 # Keys that may change between a run and its resume without mixing incompatible runs.
 RESUME_SAFE_KEYS = (
     "run", "train.max_steps", "train.log_interval", "train.eval_interval", "train.eval_batches",
-    "train.ckpt_interval", "train.progress", "data.num_workers", "data.verify", "data.path",
+    "train.ckpt_interval", "train.ckpt_keep", "train.progress", "train.collective_timeout_s", "data.num_workers", "data.verify", "data.path",
     "parallel",  # the layout is checked against the checkpoint's separately (resharding decides)
     "guard", "faults", "data.read_retries", "data.retry_wait_s",
+    # How the global batch is split may change (elastic resume); the global batch itself is checked.
+    "train.micro_batch_size", "train.grad_accum",
 )
 
 

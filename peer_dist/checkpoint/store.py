@@ -29,7 +29,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -64,8 +64,15 @@ def step_dir_name(step: int) -> str:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, engine: Any, trainer_state: dict[str, Any],
-                    config_toml: str, keep: int, layout: ParallelLayout, tp_group: Any = None) -> Path:
-    """Collective: every rank calls it. Returns the committed folder."""
+                    config_toml: str, keep: int, layout: ParallelLayout, tp_group: Any = None,
+                    on_phase: Callable[[str], None] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the committed folder.
+
+    ``on_phase(phase)`` runs at "start" (before writing), "written" (this rank's files
+    are on disk, before the barrier that precedes the commit) and, on rank 0, "commit"
+    (manifest written, folder not yet renamed): the fault-injection points.
+    """
+    on_phase = on_phase or (lambda _phase: None)
     rank = dist.get_rank()
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f".tmp-{step_dir_name(step)}"
@@ -73,27 +80,30 @@ def save_checkpoint(ckpt_root: Path, step: int, engine: Any, trainer_state: dict
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
     dist.barrier()
+    on_phase("start")
     save_portable(tmp / STATE_DIR, engine, layout, tp_group)
     (tmp / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
         (tmp / STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
         (tmp / "config.toml").write_text(config_toml)
+    on_phase("written")
     dist.barrier()  # every rank has written its files
     if rank == 0:
-        _commit(tmp, final, ckpt_root)
+        _commit(tmp, final, ckpt_root, on_phase)
         _prune(ckpt_root, keep)
     dist.barrier()
     return final
 
 
-def _commit(tmp: Path, final: Path, ckpt_root: Path) -> None:
+def _commit(tmp: Path, final: Path, ckpt_root: Path, on_phase: Callable[[str], None]) -> None:
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     for path in files:  # durable before the manifest says they are there
         fsync_path(path)
     manifest = {"files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                           for p in files}}
     write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    on_phase("commit")
     if final.exists():  # a re-save of the same step (e.g. after a rollback) replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -109,11 +109,10 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0) -> No
                 "or under mpirun install mpi4py (pip install 'peer-dist[mpi]') to share them automatically"
             )
     addr = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        dist.init_process_group(
-            backend=backend, rank=env.rank, world_size=env.world,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world, timeout=timeout,
+                                store=_restart_safe_store(env, timeout))
     except (dist.DistStoreError, dist.DistNetworkError) as exc:  # the rendezvous at MASTER_ADDR:MASTER_PORT
         text = str(exc).strip()
         reason = text.splitlines()[0].rstrip(".") if text else type(exc).__name__  # first line: no C++ frames
@@ -132,6 +131,22 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0) -> No
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def _restart_safe_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, a key prefix per restart attempt on torchrun's own store (None elsewhere).
+
+    torchrun (--max-restarts) keeps its store across restarts, and the process group's
+    keys do not name the attempt: a restarted rank could read the address a dead rank of
+    the previous attempt published and fail with "Connection refused" (seen in 2 of 2
+    restarts here). Everything under ``peer_dist/attempt_<TORCHELASTIC_RESTART_COUNT>/``
+    cannot see the old keys.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=env.world,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"peer_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
 def _mpi_rendezvous(env: DistEnv) -> None:

@@ -11,6 +11,7 @@ import json
 import tomllib
 from pathlib import Path
 
+from peer_dist.checkpoint.export import Export, open_export
 from peer_dist.checkpoint.store import load_module_state, resolve_checkpoint
 from peer_dist.config import from_dict, validate
 from peer_dist.data import Manifest, val_batches
@@ -25,25 +26,27 @@ def run_eval(checkpoint: str | Path, data_path: str | None = None, batch_size: i
              max_batches: int | None = None, device: str = "auto") -> dict[str, float]:
     env = detect_env()
     setup_logging(env.rank)
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = open_export(Path(checkpoint)) or resolve_checkpoint(checkpoint)
     cfg = from_dict(tomllib.loads((ckpt.path / "config.toml").read_text()))
     validate(cfg)
     data_dir = data_path or cfg.data.path
-    manifest = Manifest.load(data_dir)
-    state = ckpt.trainer_state()
-    if data_path is None and state.get("data_fingerprint") not in (None, manifest.fingerprint):
+    manifest = Manifest.load(data_dir, read_retries=cfg.data.read_retries, retry_wait_s=cfg.data.retry_wait_s)
+    fingerprint = ckpt.data_fingerprint if isinstance(ckpt, Export) else ckpt.trainer_state().get("data_fingerprint")
+    if data_path is None and fingerprint not in (None, manifest.fingerprint):
         raise DataError(f"data at {data_dir} is not the data the checkpoint was trained on "
                         "(manifest fingerprints differ); pass --data to evaluate on other data on purpose")
     torch_device = pick_device(device, env)
     init_distributed(env, pick_backend("auto", torch_device))
     model = build_model(cfg.model, cfg.model.vocab_size or manifest.vocab_size)
-    missing, unexpected = model.load_state_dict(load_module_state(ckpt), strict=False)
+    weights = ckpt.state_dict() if isinstance(ckpt, Export) else load_module_state(ckpt)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt.path} does not match its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
     model.to(torch_device)
     batches = val_batches(data_dir, rank=env.rank, world=env.world,
-                          batch_size=batch_size or cfg.train.micro_batch_size, max_batches=max_batches)
+                          batch_size=batch_size or cfg.train.micro_batch_size, max_batches=max_batches,
+                          read_retries=cfg.data.read_retries, retry_wait_s=cfg.data.retry_wait_s)
     metrics = evaluate(model, batches, torch_device)
     metrics["step"] = float(ckpt.step)
     get_logger().info("evaluated %s", ckpt.path)

@@ -21,7 +21,14 @@ import torch
 
 
 class LazyRowAdamW(torch.optim.AdamW):
-    """torch AdamW; param groups with ``lazy_rows=True`` (2-D params) get the lazy row update."""
+    """torch AdamW; param groups with ``lazy_rows=True`` (2-D params) get the lazy row update.
+
+    ``skip_next_step``: set by the trainer for a bad step (guard.py); ``step`` then changes
+    nothing (parameters, moments, step count), also when DeepSpeed's ZeRO or bf16 wrapper
+    calls it on its flat partitions.
+    """
+
+    skip_next_step = False
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -29,6 +36,8 @@ class LazyRowAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.skip_next_step:
+            return loss
         lazy = [g for g in self.param_groups if g.get("lazy_rows")]
         dense = [g for g in self.param_groups if not g.get("lazy_rows")]
         if dense:

@@ -13,7 +13,7 @@ import json
 import random
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from peer_dist.parallel.expert_parallel import dispatch_metrics, parallelize_exp
 from peer_dist.parallel.layout import ParallelLayout
 from peer_dist.train.engine import build_engine, clip_gradients, clips_manually
 from peer_dist.train.metrics import MetricsWriter, evaluate, router_metrics
+from peer_dist.train.faults import FaultPlan
+from peer_dist.train.guard import DataSkips, StepGuard
 from peer_dist.train.signals import PreemptionHandler, requeue_slurm_job
 
 
@@ -56,6 +58,7 @@ class _Setup:
     engine: Any
     writer: MetricsWriter | None = None  # created once resume has checked the run folder
     update_s: float = 0.0  # time in optimizer updates since the last log line
+    state_buffers: list[str] | None = None  # persistent buffer names, see _state_buffers
 
 
 def run_training(cfg: Config) -> TrainResult:
@@ -87,8 +90,8 @@ def _set_up(cfg: Config) -> _Setup:
     setup_logging(env.rank)
     layout = ParallelLayout(env.world, tp=cfg.parallel.tp, ep=cfg.parallel.ep)  # fails before any work
     device = pick_device(cfg.train.device, env)
-    init_distributed(env, pick_backend(cfg.train.backend, device))
-    manifest = Manifest.load(cfg.data.path)
+    init_distributed(env, pick_backend(cfg.train.backend, device), timeout_s=cfg.train.collective_timeout_s)
+    manifest = Manifest.load(cfg.data.path, read_retries=cfg.data.read_retries, retry_wait_s=cfg.data.retry_wait_s)
     vocab = cfg.model.vocab_size or manifest.vocab_size
     if vocab < manifest.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the data's tokenizer vocabulary "
@@ -161,92 +164,185 @@ def _schedule_lr_at(engine: Any, step: int) -> None:
     scheduler._last_lr = lrs
 
 
+@dataclass
+class _Loop:
+    """What changes from step to step: counters, the data stream, bad-step and fault bookkeeping."""
+
+    state: dict[str, Any]  # step, consumed samples/tokens (what a checkpoint stores)
+    guard: StepGuard
+    skips: DataSkips  # data windows skipped after rollbacks
+    plan: FaultPlan
+    streams: list[TrainStream] = field(default_factory=list)  # every stream opened (for their stats)
+    batches: Any = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    interval_start: float = 0.0
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+
 def _train(cfg: Config, setup: _Setup, stop: PreemptionHandler) -> TrainResult:
     log, t, env = get_logger(), cfg.train, setup.env
-    state = _resume(cfg, setup)
+    saved = _resume(cfg, setup)
     if env.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.toml").write_text(dump_toml(cfg))
     setup.writer = MetricsWriter(cfg.run_dir / "tensorboard", cfg.run_dir / "metrics.jsonl", enabled=env.is_main,
                                  tensorboard=cfg.run.tensorboard)
-    seq_len = setup.manifest.seq_len
-    # The data is split over the data-parallel replicas; the TP ranks of a replica share its batch.
-    layout = setup.layout
-    global_batch = _global_batch(cfg, layout)
-    stream = TrainStream(
-        cfg.data.path, rank=layout.dp_index(env.rank), world=layout.dp, micro_batch_size=t.micro_batch_size,
-        grad_accum=t.grad_accum, seed=t.seed, start_step=state["step"], num_workers=cfg.data.num_workers,
-        bad_shard=cfg.data.bad_shard, verify=cfg.data.verify,
-    )
-    batches = iter(stream)
-    log.info("training %s: world %d (%s), global batch %d x %d tokens, steps %d..%d",
-             cfg.run.name, env.world, layout.describe(), global_batch, seq_len, state["step"], t.max_steps)
-    progress = _progress_bar(cfg, env, state["step"])
-    losses: list[tuple[int, float]] = []
+    loop = _Loop(_counters(saved), StepGuard(cfg.guard), DataSkips.from_state(saved.get("data_skips")),
+                 FaultPlan.from_config(cfg.faults, marker_dir=cfg.run_dir / "faults"))
+    loop.plan.check_world(env.world)
+    if "guard" in saved:
+        loop.guard.load_state_dict(saved["guard"])
+    _open_data(cfg, setup, loop)
+    log.info("training %s: world %d (%s), global batch %d x %d tokens, steps %d..%d%s",
+             cfg.run.name, env.world, setup.layout.describe(), _global_batch(cfg, setup.layout),
+             setup.manifest.seq_len, loop.step, t.max_steps, f"; faults: {loop.plan.describe()}" if loop.plan else "")
+    progress = _progress_bar(cfg, env, loop.step)
     interval_loss = torch.zeros(2, dtype=torch.float64, device=setup.device)  # [loss sum, steps]
-    interval_start = time.perf_counter()
-    step = state["step"]
-    while step < t.max_steps:
-        step_loss, grad_norm = _train_step(cfg, setup, batches)
-        step += 1
+    loop.interval_start = time.perf_counter()
+    while loop.step < t.max_steps:
+        step_loss, grad_norm, bad = _train_step(cfg, setup, loop)
+        _advance(cfg, setup, loop)
+        step = loop.step
+        if bad and loop.guard.needs_rollback:
+            _rollback(cfg, setup, loop)
+            if progress is not None:
+                progress.n = loop.step
+            continue
         interval_loss += torch.stack([step_loss.double(), torch.ones((), dtype=torch.float64, device=setup.device)])
-        state = _advance(state, global_batch, seq_len)
         if step % t.log_interval == 0 or step == t.max_steps:
-            losses.append((step, _log_interval(setup, stream, interval_loss, interval_start, step,
-                                               global_batch * seq_len, grad_norm)))
+            _log_interval(cfg, setup, loop, interval_loss, grad_norm)
             interval_loss.zero_()
-            interval_start = time.perf_counter()
         if progress is not None:
             progress.update(1)
         if t.eval_interval and step % t.eval_interval == 0 and step < t.max_steps:
             _validate(cfg, setup, step)
         if t.ckpt_interval and step % t.ckpt_interval == 0 and step < t.max_steps:
-            _save(cfg, setup, state)
+            _save(cfg, setup, loop)
+        loop.plan.after_step(step, env.rank)
         if step < t.max_steps and stop.stop_requested():  # collective, same step on every rank
-            return _stop_on_signal(cfg, setup, state, progress, losses)
+            return _stop_on_signal(cfg, setup, loop, progress)
     if progress is not None:
         progress.close()
-    metrics = _validate(cfg, setup, step)
-    _save(cfg, setup, state)
-    result = TrainResult(step, metrics, cfg.run_dir, setup.writer.log_dir, losses)
+    metrics = _validate(cfg, setup, loop.step)
+    _save(cfg, setup, loop)
+    result = TrainResult(loop.step, metrics, cfg.run_dir, setup.writer.log_dir, loop.losses)
     _print_summary(result, env)
     return result
 
 
-def _stop_on_signal(cfg: Config, setup: _Setup, state: dict[str, Any], progress: Any,
-                    losses: list[tuple[int, float]]) -> TrainResult:
+def _counters(saved: dict[str, Any]) -> dict[str, Any]:
+    return {k: saved.get(k, 0) for k in ("step", "consumed_samples", "consumed_tokens")}
+
+
+def _open_data(cfg: Config, setup: _Setup, loop: _Loop) -> None:
+    """The training batches from the step after ``loop.step`` on, skipping the rolled-back windows.
+
+    The data is split over the data-parallel replicas; the TP ranks of a replica share its batch.
+    """
+    t, layout = cfg.train, setup.layout
+
+    def open_stream(start: int) -> TrainStream:
+        stream = TrainStream(
+            cfg.data.path, rank=layout.dp_index(setup.env.rank), world=layout.dp, micro_batch_size=t.micro_batch_size,
+            grad_accum=t.grad_accum, seed=t.seed, start_step=start, num_workers=cfg.data.num_workers,
+            bad_shard=cfg.data.bad_shard, verify=cfg.data.verify, read_retries=cfg.data.read_retries,
+            retry_wait_s=cfg.data.retry_wait_s,
+        )
+        loop.streams.append(stream)
+        return stream
+
+    loop.batches = loop.skips.chain(lambda start: iter(open_stream(start)), loop.step, t.grad_accum)
+
+
+def _stop_on_signal(cfg: Config, setup: _Setup, loop: _Loop, progress: Any) -> TrainResult:
     """Preemption: checkpoint the finished step, requeue under Slurm, report; the CLI exits 75."""
     if progress is not None:
         progress.close()
-    _save(cfg, setup, state)
+    _save(cfg, setup, loop)
     requeued = requeue_slurm_job() if setup.env.is_main else False
     if setup.env.is_main:
-        print(f"stopped on a signal at step {state['step']}: checkpoint committed"
+        print(f"stopped on a signal at step {loop.step}: checkpoint committed"
               + ("; Slurm job requeued" if requeued else "; restart the same command to resume"))
-    return TrainResult(state["step"], {}, cfg.run_dir, setup.writer.log_dir, losses, preempted=True)
+    return TrainResult(loop.step, {}, cfg.run_dir, setup.writer.log_dir, loop.losses, preempted=True)
 
 
-def _train_step(cfg: Config, setup: _Setup, batches: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """grad_accum micro-steps and one update; returns (this rank's mean loss, grad norm or None)."""
-    engine, accum = setup.engine, cfg.train.grad_accum
+def _train_step(cfg: Config, setup: _Setup, loop: _Loop) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """grad_accum micro-steps and one update, or none for a bad step.
+
+    Returns (this rank's mean loss, grad norm or None, bad). The bad-step decision is
+    taken on every rank alike (one all-reduce) before the update: a bad step leaves
+    parameters and optimizer state untouched, but keeps its number (see guard.py).
+    """
+    engine, accum, rank = setup.engine, cfg.train.grad_accum, setup.env.rank
+    step = loop.step + 1
     total = torch.zeros((), device=setup.device)
-    grad_norm = None
+    grad_norm, bad = None, False
+    # The forwards update BatchNorm running statistics; a bad step must not keep them (a NaN
+    # in the activations would poison them for evaluation). They are small: copy, restore if bad.
+    buffers = {name: engine.module.get_buffer(name).clone() for name in _state_buffers(setup)}
     for micro in range(accum):
-        batch = next(batches).to(setup.device, non_blocking=True)  # (B, T + 1)
-        loss = lm_loss(engine(batch[:, :-1]), batch[:, 1:])
+        batch = next(loop.batches).to(setup.device, non_blocking=True)  # (B, T + 1)
+        loss = loop.plan.loss(step, rank, lm_loss(engine(batch[:, :-1]), batch[:, 1:]), micro)
         aux = engine.module.aux_loss()  # MoE load-balancing + z-loss (None for other models)
         engine.backward(loss if aux is None else loss + aux)  # DeepSpeed: / grad_accum, averaged over DP
+        total += loss.detach()
         last = micro == accum - 1
         update_start = time.perf_counter()
-        if last and clips_manually(cfg.train):
-            grad_norm = clip_gradients(engine.module, cfg.train.grad_clip, *_sharded_groups(setup))
-        engine.step()  # applies the update only at the accumulation boundary
+        if last:
+            bad = loop.guard.check(total / accum, step=step)  # NOTE: host sync (one small all-reduce)
+            _skip_next_update(engine, bad)
+            if bad:
+                _restore_buffers(engine.module, buffers)
+            if clips_manually(cfg.train):
+                grad_norm = clip_gradients(engine.module, cfg.train.grad_clip, *_sharded_groups(setup))
+        engine.step()  # applies the update only at the accumulation boundary (and not for a bad step)
         if last:
             setup.update_s += time.perf_counter() - update_start
-        total += loss.detach()
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
-    return total / accum, grad_norm
+    return total / accum, grad_norm, bad
+
+
+def _state_buffers(setup: _Setup) -> list[str]:
+    """Names of the model's persistent buffers (BatchNorm statistics; not the usage counters)."""
+    if setup.state_buffers is None:
+        params = {name for name, _ in setup.engine.module.named_parameters()}
+        setup.state_buffers = [k for k in setup.engine.module.state_dict() if k not in params]
+    return setup.state_buffers
+
+
+def _restore_buffers(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, value in saved.items():
+            model.get_buffer(name).copy_(value)
+
+
+def _skip_next_update(engine: Any, skip: bool) -> None:
+    """Tell our optimizer (under any DeepSpeed wrapper) to leave this update out entirely."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    base.skip_next_step = skip
+
+
+def _rollback(cfg: Config, setup: _Setup, loop: _Loop) -> None:
+    """Too many bad steps: reload the newest good checkpoint and skip the data of the bad window."""
+    ckpt = latest_good(cfg.run_dir / "checkpoints")
+    first, last = loop.guard.bad_window
+    if ckpt is None:
+        raise CheckpointError(
+            f"{loop.guard.bad_since_checkpoint} bad steps (NaN/Inf or spiking loss, steps {first}..{last}) and no "
+            "checkpoint to roll back to: set train.ckpt_interval, lower train.lr, or raise guard.max_bad_steps")
+    added = loop.skips.skip_training_steps(first, last)
+    saved = ckpt.trainer_state()
+    load_engine_state(ckpt, setup.engine, setup.layout)
+    _schedule_lr_at(setup.engine, saved["step"])
+    loop.guard.rollback(saved.get("guard"))
+    loop.state = _counters(saved)
+    _open_data(cfg, setup, loop)
+    get_logger().warning("rolled back to %s after bad steps %d..%d; data windows skipped from now on: %s",
+                         ckpt.path.name, first, last, added)
 
 
 def _sharded_groups(setup: _Setup) -> tuple[Any, Any]:
@@ -259,59 +355,66 @@ def _sharded_groups(setup: _Setup) -> tuple[Any, Any]:
     return ep, tp
 
 
-def _advance(state: dict[str, Any], global_batch: int, seq_len: int) -> dict[str, Any]:
-    return {"step": state["step"] + 1,
-            "consumed_samples": state["consumed_samples"] + global_batch,
-            "consumed_tokens": state["consumed_tokens"] + global_batch * seq_len}
+def _advance(cfg: Config, setup: _Setup, loop: _Loop) -> None:
+    global_batch = _global_batch(cfg, setup.layout)
+    st = loop.state
+    loop.state = {"step": st["step"] + 1, "consumed_samples": st["consumed_samples"] + global_batch,
+                  "consumed_tokens": st["consumed_tokens"] + global_batch * setup.manifest.seq_len}
 
 
-def _log_interval(setup: _Setup, stream: Any, interval_loss: torch.Tensor, start: float, step: int,
-                  tokens_per_step: int, grad_norm: Any) -> float:
-    """Log the interval's mean loss (over its steps and all ranks); one host sync per interval."""
+def _log_interval(cfg: Config, setup: _Setup, loop: _Loop, interval_loss: torch.Tensor, grad_norm: Any) -> None:
+    """Log the interval's mean loss (over its good steps and all ranks); one host sync per interval."""
     # Every rank's step loss is a mean over the same number of tokens, so summing
     # [loss, 1] over steps and ranks and dividing gives the mean over the global batches.
     dist.all_reduce(interval_loss)
     loss_sum, count = interval_loss.tolist()  # NOTE: host sync (once per log interval)
     steps = round(count / setup.env.world)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - loop.interval_start
     lr = setup.engine.get_lr()[0]
-    values = {"train/loss": loss_sum / count, "train/lr": lr,
-              "train/tokens_per_s": tokens_per_step * steps / elapsed}
+    tokens_per_step = _global_batch(cfg, setup.layout) * setup.manifest.seq_len
+    values = {"train/loss": loss_sum / max(count, 1), "train/lr": lr,
+              "train/tokens_per_s": tokens_per_step * steps / elapsed,
+              "train/bad_steps": float(loop.guard.bad_steps_total), "train/rollbacks": float(loop.guard.rollbacks)}
     if grad_norm is not None:  # the norm of the interval's last step
         values["train/grad_norm"] = float(grad_norm)
-    values.update(_system_metrics(setup, stream, elapsed))
+    values.update(_system_metrics(setup, loop.streams, elapsed))
     values.update(dispatch_metrics(setup.engine.module, setup.device))
     values.update(router_metrics(setup.engine.module))
-    setup.writer.scalars(values, step)
-    get_logger().info("step %d  loss %.4f  lr %.2e  tok/s %.0f", step, values["train/loss"], lr,
+    setup.writer.scalars(values, loop.step)
+    get_logger().info("step %d  loss %.4f  lr %.2e  tok/s %.0f", loop.step, values["train/loss"], lr,
                       values["train/tokens_per_s"])
-    return values["train/loss"]
+    loop.losses.append((loop.step, values["train/loss"]))
+    loop.interval_start = time.perf_counter()
 
 
-def _system_metrics(setup: _Setup, stream: Any, elapsed: float) -> dict[str, float]:
+def _system_metrics(setup: _Setup, streams: list[TrainStream], elapsed: float) -> dict[str, float]:
     """Memory, update-time share and data accounting, reduced over all ranks (two small all-reduces)."""
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if setup.device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(setup.device) / 2**20
-    stats = stream.stats
+    stats = {k: sum(s.stats[k] for s in streams) for k in ("skipped_shards", "skipped_samples")}
+    reads = {k: sum(s.read_stats[k] for s in streams) for k in ("read_retries", "failed_reads")}
     # max over ranks: the worst rank's memory and update share; a bad shard seen by several ranks once
     worst = torch.tensor([peak_mb, setup.update_s / max(elapsed, 1e-9), stats["skipped_shards"]],
                          dtype=torch.float64, device=setup.device)
     # sum over ranks: the ranks' sample slots are disjoint
-    summed = torch.tensor([stats["skipped_samples"]], dtype=torch.float64, device=setup.device)
+    summed = torch.tensor([stats["skipped_samples"], reads["read_retries"], reads["failed_reads"]],
+                          dtype=torch.float64, device=setup.device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     dist.all_reduce(summed)
     setup.update_s = 0.0
     peak, update_share, shards = worst.tolist()  # NOTE: host sync (once per log interval)
-    return {"sys/peak_memory_mb": peak, "train/update_time_share": update_share,
-            "data/skipped_shards": shards, "data/skipped_samples": summed.item()}
+    skipped_samples, retries, failed = summed.tolist()
+    return {"sys/peak_memory_mb": peak, "train/update_time_share": update_share, "data/skipped_shards": shards,
+            "data/skipped_samples": skipped_samples, "data/read_retries": retries, "data/failed_reads": failed}
 
 
 def _validate(cfg: Config, setup: _Setup, step: int) -> dict[str, float]:
     env = setup.env
     layout = setup.layout  # TP ranks evaluate the same batches; evaluate() averages them out
     batches = val_batches(cfg.data.path, rank=layout.dp_index(env.rank), world=layout.dp,
-                          batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches)
+                          batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches,
+                          read_retries=cfg.data.read_retries, retry_wait_s=cfg.data.retry_wait_s)
     metrics = evaluate(setup.engine.module, batches, setup.device)
     setup.writer.scalars(metrics, step)
     get_logger().info("step %d  validation loss %.4f  perplexity %.2f", step, metrics["val/loss"],
@@ -319,12 +422,17 @@ def _validate(cfg: Config, setup: _Setup, step: int) -> dict[str, float]:
     return metrics
 
 
-def _save(cfg: Config, setup: _Setup, state: dict[str, Any]) -> None:
-    trainer_state = dict(state, config_hash=config_hash(cfg), data_fingerprint=setup.manifest.fingerprint,
+def _save(cfg: Config, setup: _Setup, loop: _Loop) -> None:
+    rank = setup.env.rank
+    trainer_state = dict(loop.state, config_hash=config_hash(cfg), data_fingerprint=setup.manifest.fingerprint,
                          world=setup.env.world, layout=_layout_state(setup.layout),
-                         global_batch=_global_batch(cfg, setup.layout))
-    save_checkpoint(cfg.run_dir / "checkpoints", state["step"], setup.engine, trainer_state, dump_toml(cfg),
-                    keep=3, layout=setup.layout, tp_group=_sharded_groups(setup)[1])
+                         global_batch=_global_batch(cfg, setup.layout), guard=loop.guard.state_dict(),
+                         data_skips=loop.skips.state_dict())
+    path = save_checkpoint(cfg.run_dir / "checkpoints", loop.step, setup.engine, trainer_state, dump_toml(cfg),
+                           keep=cfg.train.ckpt_keep, layout=setup.layout, tp_group=_sharded_groups(setup)[1],
+                           on_phase=lambda phase: loop.plan.during_save(loop.step, rank, phase))
+    loop.guard.note_checkpoint()
+    loop.plan.after_save(loop.step, rank, path)
 
 
 def _layout_state(layout: ParallelLayout) -> dict[str, int]:
