@@ -473,3 +473,37 @@ def test_preempted_job_that_exits_is_not_requeued_by_slurm(tmp_path: Path, slurm
     assert slurm_cluster.wait_job(high, timeout=120)["JobState"] == "COMPLETED"
     info = slurm_cluster.wait_job(job, timeout=60)
     assert info["JobState"] == state and info["Restarts"] == "0" and info["ExitCode"] == f"{exit_code}:0"
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stop", ["time-limit-signal", "preemption"])
+def test_trainer_under_slurm_is_stopped_requeued_and_resumes_exactly(tmp_path: Path, tiny_data: Path,
+                                                                     slurm_cluster: SlurmCluster, stop: str) -> None:
+    """The real trainer in slurm/train.sbatch: a stop (SIGUSR1 before the time limit, or preemption
+    by the high-priority partition) -> checkpoint at the agreed step -> requeue -> the requeued job
+    resumes and finishes; losses and weights equal an uninterrupted 2-rank run."""
+    from tests.test_resume import COMMON, _assert_matches
+
+    # Every rank pauses 20 s in step 4 so the stop reliably arrives mid-run; the pause fires once
+    # per run folder, so the requeued attempt does not pause again.
+    overrides = [*COMMON, "train.micro_batch_size=4", f"data.path={tiny_data}", f"run.dir={tmp_path}"]
+    run_cli(["train", *overrides, "run.name=ref"], nproc=2, timeout=280)
+    job = _sbatch(slurm_cluster, f"--output={tmp_path}/slurm-%j.out", "slurm/train.sbatch", *overrides,
+                  'faults.inject=["hang:step=4:seconds=20"]', PYTHON=sys.executable, RUN_NAME="pre")
+    metrics = tmp_path / "pre" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and any('"step": 3,' in line for line in metrics.read_text().splitlines())):
+        assert time.monotonic() < deadline, f"{slurm_cluster.job(job)}\n{slurm_cluster.logs()}"
+        time.sleep(0.3)
+    if stop == "time-limit-signal":
+        slurm_cluster.run("scancel", "--signal=USR1", job)
+    else:
+        high = _sbatch(slurm_cluster, "--partition=high", "--nodes=2", "--output=/dev/null", "--wrap=sleep 1")
+    info = slurm_cluster.wait_job(job, timeout=400)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-6000:]
+    assert "stopped on a signal at step 4" in log and "resumed from" in log and "step_000004" in log
+    _assert_matches(tmp_path / "pre", tmp_path / "ref")
+    if stop == "preemption":
+        assert slurm_cluster.wait_job(high, timeout=60)["JobState"] == "COMPLETED"
