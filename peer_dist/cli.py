@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bench = p.add_subparsers(dest="bench", required=True)
-    from peer_dist.bench import ep, layer
+    from peer_dist.bench import ckpt, ep, layer
 
     b = bench.add_parser("layer", help="PEER layer vs naive Algorithm 1 vs dense FFW: time and peak memory")
     layer.add_arguments(b)
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("ep", help="PEER layer at EP = 1, 2, 4: tokens/s, all_to_all bytes vs bound, imbalance")
     ep.add_arguments(b)
     b.set_defaults(func=_bench, bench_run=ep.run)
+    b = bench.add_parser("ckpt", help="training-time cost of interval checkpoints: none vs sync vs async")
+    ckpt.add_arguments(b)
+    b.set_defaults(func=_bench, bench_run=ckpt.run)
     return parser
 
 

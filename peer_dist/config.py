@@ -120,6 +120,7 @@ class TrainConfig:
     eval_batches: int = _at_least(20, 1)  # per rank
     ckpt_interval: int = _at_least(0, 0)  # 0: only at the end
     ckpt_keep: int = _at_least(3, 1)  # committed checkpoints kept (older ones are deleted after a commit)
+    async_save: bool = False  # write interval checkpoints in the background (the final one is synchronous)
     device: str = _choice("auto", ("auto", "cpu", "cuda"))
     backend: str = _choice("auto", ("auto", "gloo", "nccl"))
     # Bound on the rendezvous and on every collective: a stalled or dead rank makes the job exit
@@ -392,7 +393,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 # Keys that may change between a run and its resume without mixing incompatible runs.
 RESUME_SAFE_KEYS = (
     "run", "train.max_steps", "train.log_interval", "train.eval_interval", "train.eval_batches",
-    "train.ckpt_interval", "train.ckpt_keep", "train.progress", "train.collective_timeout_s", "data.num_workers", "data.verify", "data.path",
+    "train.ckpt_interval", "train.ckpt_keep", "train.async_save", "train.progress", "train.collective_timeout_s", "data.num_workers", "data.verify", "data.path",
     "parallel",  # the layout is checked against the checkpoint's separately (resharding decides)
     "guard", "faults", "data.read_retries", "data.retry_wait_s",
     # How the global batch is split may change (elastic resume); the global batch itself is checked.

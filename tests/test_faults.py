@@ -136,3 +136,18 @@ def test_fault_specs_are_checked_before_any_work(tmp_path: Path, tiny_data: Path
     proc = run_cli(_args(tiny_data, tmp_path, "run", ['faults.inject=["explode:step=3"]']), check=False, timeout=120)
     assert proc.returncode == 2 and "explode" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_async_save_equals_sync_and_survives_a_crash_during_the_write(tmp_path: Path, tiny_data: Path,
+                                                                       reference: Path) -> None:
+    """train.async_save: the same checkpoints and run as synchronous saves; a rank dying while its
+    background thread writes step 6 leaves step 3 as the newest valid checkpoint."""
+    fault = 'faults.inject=["crash_in_save:step=6:rank=1:phase=written"]'
+    first = _run(tmp_path, tiny_data, ["train.async_save=true", fault], check=False)
+    assert first.returncode != 0
+    assert [c.step for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == [3]
+    assert verify(latest_good(tmp_path / "run" / "checkpoints")) is None
+    _run(tmp_path, tiny_data, ["train.async_save=true", fault])
+    _assert_matches(tmp_path / "run", reference)
+    ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [c.step for c in ckpts] == [12, 9, 6] and all(verify(c) is None for c in ckpts)

@@ -121,8 +121,13 @@ def link_optimizer_states(optimizer: Any) -> None:
     optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def save_portable(folder: Path, engine: Any, layout: ParallelLayout, tp_group: Any) -> None:
-    """Collective: write ``folder/dense.pt`` (rank 0) and the expert shard files (their owners)."""
+def collect_portable(engine: Any, layout: ParallelLayout, tp_group: Any, copy: bool = False) -> dict[str, Any]:
+    """Collective: this rank's share of the checkpoint as {path relative to state/: object}.
+
+    Rank 0 gets ``dense.pt``, the owner of each expert shard its ``experts/<layer>.epK.pt``
+    files. ``copy``: detach every tensor from the live model (an asynchronous save writes
+    them while training goes on; without copies fp32 CPU parameters would be shared).
+    """
     rank = dist.get_rank()
     model, optimizer = engine.module, engine.optimizer
     link_optimizer_states(optimizer)
@@ -132,6 +137,8 @@ def save_portable(folder: Path, engine: Any, layout: ParallelLayout, tp_group: A
     experts: dict[str, dict[str, dict[str, Tensor]]] = {}
     for name, p in model.named_parameters():
         values = {"param": _full_value(p, optimizer, None), **{k: _full_value(p, optimizer, k) for k in OPT_KEYS}}
+        if copy:
+            values = {k: v.clone() for k, v in values.items()}
         canon = canonical_name(name)
         dim = _tp_dim(canon) if layout.tp > 1 else None
         if dim is not None:
@@ -142,14 +149,23 @@ def save_portable(folder: Path, engine: Any, layout: ParallelLayout, tp_group: A
                 experts.setdefault(layer, {})[param] = {"rows": shardings[id(p)].global_ids(), **values}
         elif rank == 0:
             dense[canon] = values
-    (folder / EXPERTS_DIR).mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {}
     if rank == 0:
         params = {n for n, _ in model.named_parameters()}
-        buffers = {canonical_name(n): t.detach().cpu() for n, t in model.state_dict().items() if n not in params}
-        torch.save({"params": dense, "buffers": buffers, "step_count": optimizer_step_count(optimizer)},
-                   folder / DENSE_FILE)
+        buffers = {canonical_name(n): t.detach().cpu().clone() for n, t in model.state_dict().items()
+                   if n not in params}
+        files[DENSE_FILE] = {"params": dense, "buffers": buffers, "step_count": optimizer_step_count(optimizer)}
     for layer, params in experts.items():
-        torch.save(params, folder / EXPERTS_DIR / f"{layer}.ep{layout.ep_rank(rank):03d}.pt")
+        files[f"{EXPERTS_DIR}/{layer}.ep{layout.ep_rank(rank):03d}.pt"] = params
+    return files
+
+
+def write_files(folder: Path, files: dict[str, Any]) -> None:
+    """torch.save each object of :func:`collect_portable` under ``folder``."""
+    for relative, obj in files.items():
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, path)
 
 
 # ---------------------------------------------------------------------------- putting values back

@@ -27,6 +27,8 @@ import os
 import random
 import re
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from peer_dist.checkpoint.portable import DENSE_FILE, full_model_state, load_portable, save_portable
+from peer_dist.checkpoint.portable import DENSE_FILE, collect_portable, full_model_state, load_portable, write_files
 from peer_dist.errors import CheckpointError
 from peer_dist.fileio import fsync_path, sha256_file, write_atomic
 from peer_dist.log import get_logger
@@ -65,35 +67,86 @@ def step_dir_name(step: int) -> str:
 
 def save_checkpoint(ckpt_root: Path, step: int, engine: Any, trainer_state: dict[str, Any],
                     config_toml: str, keep: int, layout: ParallelLayout, tp_group: Any = None,
-                    on_phase: Callable[[str], None] | None = None) -> Path:
-    """Collective: every rank calls it. Returns the committed folder.
+                    on_phase: Callable[[str], None] | None = None, asynchronous: bool = False) -> Path:
+    """Collective: every rank calls it. Returns the folder the checkpoint is (or will be) committed to.
 
-    ``on_phase(phase)`` runs at "start" (before writing), "written" (this rank's files
-    are on disk, before the barrier that precedes the commit) and, on rank 0, "commit"
-    (manifest written, folder not yet renamed): the fault-injection points.
+    Synchronous: returns once the checkpoint is committed. Asynchronous: returns once the
+    state is gathered and copied (the only collective part); a background thread per rank
+    writes the files and leaves a marker, and rank 0's thread commits when every rank's
+    marker is there. Until then the previous checkpoint is the newest valid one, so a crash
+    during the write loses nothing committed. The next save (and the end of training)
+    first waits for the pending one: :func:`wait_for_pending_save`.
+
+    ``on_phase(phase)`` runs at "start" (before writing), "written" (this rank's files are
+    on disk) and, on rank 0, "commit" (manifest written, folder not yet renamed): the
+    fault-injection points.
     """
     on_phase = on_phase or (lambda _phase: None)
+    wait_for_pending_save()
     rank = dist.get_rank()
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f".tmp-{step_dir_name(step)}"
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
-    dist.barrier()
+    dist.barrier()  # the previous save is committed everywhere; tmp is fresh
     on_phase("start")
-    save_portable(tmp / STATE_DIR, engine, layout, tp_group)
-    (tmp / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    if rank == 0:
-        (tmp / STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
-        (tmp / "config.toml").write_text(config_toml)
-    on_phase("written")
-    dist.barrier()  # every rank has written its files
-    if rank == 0:
-        _commit(tmp, final, ckpt_root, on_phase)
-        _prune(ckpt_root, keep)
-    dist.barrier()
+    files = {f"{STATE_DIR}/{k}": v for k, v in collect_portable(engine, layout, tp_group, copy=asynchronous).items()}
+    files[f"rng/rank_{rank:05d}.pt"] = rng_state()
+    texts = {STATE: json.dumps(trainer_state, indent=2, sort_keys=True), "config.toml": config_toml} if rank == 0 else {}
+    if not asynchronous:
+        _write_rank_files(tmp, files, texts, on_phase)
+        dist.barrier()  # every rank has written its files
+        if rank == 0:
+            _commit(tmp, final, ckpt_root, on_phase)
+            _prune(ckpt_root, keep)
+        dist.barrier()
+        return final
+
+    def write_and_commit() -> None:
+        _write_rank_files(tmp, files, texts, on_phase)
+        (tmp / f".written-rank-{rank:05d}").touch()
+        if rank == 0:
+            _wait_for_markers(tmp, dist_world)
+            for marker in tmp.glob(".written-rank-*"):
+                marker.unlink()
+            _commit(tmp, final, ckpt_root, on_phase)
+            _prune(ckpt_root, keep)
+
+    dist_world = dist.get_world_size()
+    global _pending
+    _pending = threading.Thread(target=write_and_commit, name=f"checkpoint-{step}", daemon=False)
+    _pending.start()
     return final
+
+
+_pending: threading.Thread | None = None
+_MARKER_TIMEOUT_S = 3600.0
+
+
+def wait_for_pending_save() -> None:
+    """Block until this process's asynchronous save (if any) has written (rank 0: committed)."""
+    global _pending
+    if _pending is not None:
+        _pending.join()
+        _pending = None
+
+
+def _write_rank_files(tmp: Path, files: dict[str, Any], texts: dict[str, str],
+                      on_phase: Callable[[str], None]) -> None:
+    write_files(tmp, files)
+    for name, text in texts.items():
+        (tmp / name).write_text(text)
+    on_phase("written")
+
+
+def _wait_for_markers(tmp: Path, world: int) -> None:
+    deadline = time.monotonic() + _MARKER_TIMEOUT_S
+    while len(list(tmp.glob(".written-rank-*"))) < world:
+        if time.monotonic() > deadline:
+            raise CheckpointError(f"asynchronous checkpoint {tmp}: not every rank wrote its files within "
+                                  f"{_MARKER_TIMEOUT_S:g} s; it stays uncommitted")
+        time.sleep(0.05)
 
 
 def _commit(tmp: Path, final: Path, ckpt_root: Path, on_phase: Callable[[str], None]) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from peer_dist.checkpoint.store import latest_good, load_engine_state, save_checkpoint
+from peer_dist.checkpoint.store import latest_good, load_engine_state, save_checkpoint, wait_for_pending_save
 from peer_dist.config import Config, config_hash, dump_toml
 from peer_dist.data import Manifest, TrainStream, val_batches
 from peer_dist.errors import CheckpointError, ConfigError
@@ -73,6 +73,7 @@ def run_training(cfg: Config) -> TrainResult:
     try:
         return _train(cfg, setup, stop)
     finally:
+        wait_for_pending_save()
         if setup.writer is not None:
             setup.writer.close()
 
@@ -227,7 +228,7 @@ def _train(cfg: Config, setup: _Setup, stop: PreemptionHandler) -> TrainResult:
     if progress is not None:
         progress.close()
     metrics = _validate(cfg, setup, loop.step)
-    _save(cfg, setup, loop)
+    _save(cfg, setup, loop, final=True)
     result = TrainResult(loop.step, metrics, cfg.run_dir, setup.writer.log_dir, loop.losses)
     _print_summary(result, env)
     return result
@@ -261,7 +262,7 @@ def _stop_on_signal(cfg: Config, setup: _Setup, loop: _Loop, progress: Any) -> T
     """Preemption: checkpoint the finished step, requeue under Slurm, report; the CLI exits 75."""
     if progress is not None:
         progress.close()
-    _save(cfg, setup, loop)
+    _save(cfg, setup, loop, final=True)  # committed before we exit or requeue
     requeued = requeue_slurm_job() if setup.env.is_main else False
     if setup.env.is_main:
         print(f"stopped on a signal at step {loop.step}: checkpoint committed"
@@ -328,6 +329,8 @@ def _skip_next_update(engine: Any, skip: bool) -> None:
 
 def _rollback(cfg: Config, setup: _Setup, loop: _Loop) -> None:
     """Too many bad steps: reload the newest good checkpoint and skip the data of the bad window."""
+    wait_for_pending_save()
+    dist.barrier()  # an asynchronous save of rank 0 is committed before anyone looks
     ckpt = latest_good(cfg.run_dir / "checkpoints")
     first, last = loop.guard.bad_window
     if ckpt is None:
@@ -422,17 +425,23 @@ def _validate(cfg: Config, setup: _Setup, step: int) -> dict[str, float]:
     return metrics
 
 
-def _save(cfg: Config, setup: _Setup, loop: _Loop) -> None:
-    rank = setup.env.rank
+def _save(cfg: Config, setup: _Setup, loop: _Loop, final: bool = False) -> None:
+    """Checkpoint the finished step; interval saves go to the background with train.async_save."""
+    rank, asynchronous = setup.env.rank, cfg.train.async_save and not final
     trainer_state = dict(loop.state, config_hash=config_hash(cfg), data_fingerprint=setup.manifest.fingerprint,
                          world=setup.env.world, layout=_layout_state(setup.layout),
                          global_batch=_global_batch(cfg, setup.layout), guard=loop.guard.state_dict(),
                          data_skips=loop.skips.state_dict())
+    start = time.perf_counter()
     path = save_checkpoint(cfg.run_dir / "checkpoints", loop.step, setup.engine, trainer_state, dump_toml(cfg),
                            keep=cfg.train.ckpt_keep, layout=setup.layout, tp_group=_sharded_groups(setup)[1],
-                           on_phase=lambda phase: loop.plan.during_save(loop.step, rank, phase))
+                           on_phase=lambda phase: loop.plan.during_save(loop.step, rank, phase),
+                           asynchronous=asynchronous)
+    # How long training stood still for this save (asynchronous: gathering and copying only).
+    setup.writer.scalars({"ckpt/blocking_s": time.perf_counter() - start}, loop.step)
     loop.guard.note_checkpoint()
-    loop.plan.after_save(loop.step, rank, path)
+    if not asynchronous:  # corrupt_checkpoint faults act on committed checkpoints
+        loop.plan.after_save(loop.step, rank, path)
 
 
 def _layout_state(layout: ParallelLayout) -> dict[str, int]:
