@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -128,7 +129,8 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path, tiny_d
 def test_kill9_resumes_exactly_from_the_last_checkpoint(tmp_path: Path, tiny_data: Path,
                                                         uninterrupted: dict[str, Path], workers: int) -> None:
     extra = ["train.micro_batch_size=8", f"data.num_workers={workers}"]
-    run, first = _interrupt(tmp_path, tiny_data, extra, 1, "kill9", at_step=5)
+    at_step = random.randint(2, STEPS - 2)  # a random step: before, at or between checkpoints (every 3)
+    run, first = _interrupt(tmp_path, tiny_data, extra, 1, "kill9", at_step=at_step)
     assert first.returncode == -signal.SIGKILL
     _resume(tmp_path, tiny_data, extra, 1)
     _assert_matches(run, uninterrupted["one"])
@@ -153,7 +155,8 @@ def test_two_ranks_resume_exactly(tmp_path: Path, tiny_data: Path, uninterrupted
                                   layout: str, how: str) -> None:
     """SIGUSR1 to rank 1 only: both ranks stop at the same step with a checkpoint. kill -9 of the whole
     job: the restart falls back to the last interval checkpoint. Either way the run continues exactly."""
-    run, first = _interrupt(tmp_path, tiny_data, TWO_RANK[layout], 2, how, at_step=5, signalled_rank=1)
+    run, first = _interrupt(tmp_path, tiny_data, TWO_RANK[layout], 2, how, at_step=random.randint(2, STEPS - 2),
+                            signalled_rank=1)
     if how == "sigusr1":
         # torchrun reports the first worker that exited (75) and stops the other once it is done.
         assert first.returncode != 0 and "exitcode  : 75" in first.stderr, first.stderr[-3000:]
