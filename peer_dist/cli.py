@@ -1,4 +1,4 @@
-"""`peer-dist` command line: prepare | train | eval | export | bench."""
+"""`peer-dist` command line: prepare | train | eval | export | bench | sweep."""
 
 from __future__ import annotations
 
@@ -52,6 +52,12 @@ def _bench(args: argparse.Namespace) -> int:
     return args.bench_run(args)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from peer_dist.sweep import cli as sweep_cli
+
+    return sweep_cli.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peer-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,16 +107,34 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("ckpt", help="training-time cost of interval checkpoints: none vs sync vs async")
     ckpt.add_arguments(b)
     b.set_defaults(func=_bench, bench_run=ckpt.run)
+
+    from peer_dist.sweep import cli as sweep_cli
+
+    p = sub.add_parser("sweep", help="isoFLOP sweep: train every (budget, method, size) of a spec, table + plot")
+    sweep_cli.add_arguments(p)
+    p.set_defaults(func=_sweep)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `sweep SPEC -o DIR key=value`: argparse hands out positionals in one go, so overrides
+    # written after an option arrive here; only key=value words are taken.
+    if extra and getattr(args, "overrides", None) is not None and args.command == "sweep" \
+            and all("=" in word and not word.startswith("-") for word in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        code = args.func(args)
     except UserError as exc:
         print(f"peer-dist {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        code = EXIT_USER_ERROR
+    env = sys.modules.get("peer_dist.parallel.env")  # imported by every command that joins a process group
+    if env is not None:
+        env.end_process(code)  # returns only where no process group was joined
+    return code
 
 
 if __name__ == "__main__":

@@ -112,6 +112,8 @@ class TrainConfig:
     # Optimizer update of the expert tables (PEER u/v, PKM values): "dense" AdamW over every row,
     # or "lazy": only the rows retrieved this step (LazyAdam semantics; zero_stage 0 and fp32 only).
     expert_update: str = _choice("dense", ("dense", "lazy"))
+    # Peak learning rate of the expert tables (PEER u/v, PKM values) relative to train.lr.
+    table_lr_scale: float = _at_least(1.0, 0.0)
     zero_stage: int = _choice(0, (0, 1, 2))
     precision: str = _choice("fp32", ("fp32", "bf16"))
     seed: int = 0
@@ -127,6 +129,7 @@ class TrainConfig:
     # non-zero after this long instead of hanging.
     collective_timeout_s: float = _at_least(600.0, 1.0)
     progress: bool = True  # progress bar on rank 0
+    peak_flops: float = _at_least(0.0, 0.0)  # peak FLOP/s of one rank's device, for train/mfu (0: not logged)
     # Signals that stop training cleanly: finish the step, checkpoint, exit 75 (requeue under Slurm).
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
@@ -346,6 +349,8 @@ def _validate_parallel(cfg: Config) -> None:
     has_special = bool(resolve_ffn_blocks(m.ffn_blocks, m.n_layers))
     if par.ep > 1 and has_special and m.ffn == "peer" and m.peer.num_experts % par.ep:
         raise ConfigError(f"model.peer.num_experts={m.peer.num_experts} must be divisible by parallel.ep={par.ep}")
+    if par.ep > 1 and has_special and m.ffn == "pkm" and m.pkm.num_values % par.ep:
+        raise ConfigError(f"model.pkm.num_values={m.pkm.num_values} must be divisible by parallel.ep={par.ep}")
     if par.ep > 1 and has_special and m.ffn == "moe" and m.moe.num_experts % par.ep:
         raise ConfigError(f"model.moe.num_experts={m.moe.num_experts} must be divisible by parallel.ep={par.ep}")
     if m.ffn == "moe" and m.moe.topk > m.moe.num_experts:
@@ -393,7 +398,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 # Keys that may change between a run and its resume without mixing incompatible runs.
 RESUME_SAFE_KEYS = (
     "run", "train.max_steps", "train.log_interval", "train.eval_interval", "train.eval_batches",
-    "train.ckpt_interval", "train.ckpt_keep", "train.async_save", "train.progress", "train.collective_timeout_s", "data.num_workers", "data.verify", "data.path",
+    "train.ckpt_interval", "train.ckpt_keep", "train.async_save", "train.progress", "train.peak_flops", "train.collective_timeout_s", "data.num_workers", "data.verify", "data.path",
     "parallel",  # the layout is checked against the checkpoint's separately (resharding decides)
     "guard", "faults", "data.read_retries", "data.retry_wait_s",
     # How the global batch is split may change (elastic resume); the global batch itself is checked.

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from peer_dist.errors import ConfigError, LaunchError
-from peer_dist.model.expert_tables import ExpertSharding, ExpertTables
+from peer_dist.model.expert_tables import ExpertSharding, ExpertTables, ValueTable
 from peer_dist.model.moe import MoEExperts
 from peer_dist.parallel.layout import ParallelLayout
 from peer_dist.parallel.spawn import run_ranks
@@ -105,6 +105,9 @@ def _dispatch_worker(rank: int, world: int, scenario: str, kind: str, layout_nam
         if kind == "peer":
             tables = ExpertTables(sharding, D, "gelu").double()
             tables.reset_parameters(seed=5, std_u=0.7, std_v=0.3)
+        elif kind == "pkm":
+            tables = ValueTable(sharding, D).double()
+            tables.reset_parameters(seed=5, std=0.5)
         else:
             tables = MoEExperts(sharding, D, 4, "swiglu").double()
             tables.reset_parameters(seed=5, std_in=0.7, std_out=0.3)
@@ -121,9 +124,12 @@ def _dispatch_worker(rank: int, world: int, scenario: str, kind: str, layout_nam
     grad_y = torch.randn(ids.shape[0], D, generator=gen, dtype=torch.float64)
 
     y = wrapper(x, ids, gates)
-    got = torch.autograd.grad(y, [x, gates, *shard.parameters()], grad_y, allow_unused=False)
+    needs_x = kind != "pkm"  # a value read does not depend on the input rows
+    got = torch.autograd.grad(y, [x, gates, *shard.parameters()], grad_y, allow_unused=not needs_x)
     ref_y = full(x, ids, gates)
-    want = torch.autograd.grad(ref_y, [x, gates, *full.parameters()], grad_y)
+    want = torch.autograd.grad(ref_y, [x, gates, *full.parameters()], grad_y, allow_unused=not needs_x)
+    if not needs_x:
+        got, want = (tuple(torch.zeros_like(x) if g is None else g for g in grads) for grads in (got, want))
     errors = {"y": _rel(y, ref_y), "x.grad": _rel(got[0], want[0]), "gates.grad": _rel(got[1], want[1])}
     held = shard.sharding.global_ids()
     for name, g_shard, g_full in zip([n for n, _ in shard.named_parameters()], got[2:], want[2:]):
@@ -140,7 +146,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("kind", ["peer", "moe"])
+@pytest.mark.parametrize("kind", ["peer", "moe", "pkm"])
 @pytest.mark.parametrize("scenario,layout_name", [("random", "permuted"), ("random", "contiguous"),
                                                   ("rank1_has_no_tokens", "contiguous"),
                                                   ("rank0_receives_nothing", "contiguous")])
@@ -156,6 +162,7 @@ def test_dispatch_equals_all_local_experts(scenario: str, layout_name: str, kind
 # ---- whole training runs: parallel == one process on the same global batch ---------------------
 
 MOE = ["model.ffn=moe", "model.moe.num_experts=4", "model.moe.topk=2", "model.moe.d_expert=32"]
+PKM = ["model.ffn=pkm", "model.pkm.num_values=256", "model.pkm.heads=2", "model.pkm.topk=4", "model.pkm.d_key=16"]
 
 
 def _train(tmp: Path, data: Path, name: str, *extra: str, nproc: int = 1) -> Path:
@@ -169,7 +176,8 @@ def references(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dic
     """One process, micro-batch 8 = the global batch of every parallel run below."""
     tmp = tmp_path_factory.mktemp("refs")
     return {"peer": _train(tmp, tiny_data, "peer", "train.micro_batch_size=8"),
-            "moe": _train(tmp, tiny_data, "moe", "train.micro_batch_size=8", *MOE)}
+            "moe": _train(tmp, tiny_data, "moe", "train.micro_batch_size=8", *MOE),
+            "pkm": _train(tmp, tiny_data, "pkm", "train.micro_batch_size=8", *PKM)}
 
 
 @pytest.mark.timeout(300)
@@ -204,6 +212,16 @@ def test_moe_ep2_equals_single_process(tmp_path: Path, tiny_data: Path, referenc
     assert_same_run(run, references["moe"])
     row = [r for r in read_metrics(run) if "train/loss" in r][-1]
     assert row["moe/blocks.1.ffn/balance_loss"] >= 1 - 1e-6  # E * sum f P >= 1, equality when uniform
+
+
+@pytest.mark.timeout(300)
+def test_pkm_ep2_equals_single_process(tmp_path: Path, tiny_data: Path, references: dict[str, Path]) -> None:
+    """PKM value rows sharded like PEER's experts; only gates travel to the owners."""
+    run = _train(tmp_path, tiny_data, "pkm-ep2", "parallel.ep=2", "train.micro_batch_size=4", *PKM, nproc=2)
+    assert_same_run(run, references["pkm"])
+    row = [r for r in read_metrics(run) if "train/loss" in r][-1]
+    dests = row["ep/blocks.1.ffn/destinations_per_token"]
+    assert row["ep/blocks.1.ffn/bound_bytes_per_token"] == pytest.approx(32 * 4 * dests)  # partial rows back only
 
 
 @pytest.mark.timeout(300)

@@ -23,12 +23,12 @@ SMALL = dict(d_model=16, num_values=64, heads=2, topk=4, d_key=8)
 def reference_pkm(x: Tensor, p: dict[str, Tensor], cfg: dict) -> Tensor:
     """Lample et al. eq. 1-3 with h heads: brute force over all N keys, gathered values, einsum."""
     x_TD, weights_THK, ids_THK = reference_retrieval(x, p, cfg)
-    return torch.einsum("thk,thkd->td", weights_THK, p["values"][ids_THK]).view(x.shape)
+    return torch.einsum("thk,thkd->td", weights_THK, p["memory.weight"][ids_THK]).view(x.shape)
 
 
 def _compare_with_reference(model: PKM, cfg: dict, x: Tensor, rtol: float, atol: float) -> None:
     names = compare_with_reference(model, reference_pkm, cfg, x, rtol, atol)
-    expected_names = {"query.weight", "sub_keys", "values"}
+    expected_names = {"query.weight", "sub_keys", "memory.weight"}
     if cfg["query_norm"] != "none":
         expected_names |= {"query_norm.weight", "query_norm.bias"}
     assert names == expected_names
@@ -117,8 +117,8 @@ def test_heads_share_keys_and_values(query_norm: str) -> None:
     with torch.no_grad():
         two.query.weight[d_key:] = two.query.weight[:d_key]  # head 1 := head 0
         one.query.weight.copy_(two.query.weight[:d_key])
-        for name in ("sub_keys", "values"):
-            getattr(one, name).copy_(getattr(two, name))
+        one.sub_keys.copy_(two.sub_keys)
+        one.memory.weight.copy_(two.memory.weight)
     x = torch.randn(10, SMALL["d_model"])
     _, ids = two.retrieve(x)
     assert torch.equal(ids[:, 0], ids[:, 1])

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import assert_same_run, read_metrics, run_cli
 
@@ -31,7 +32,8 @@ def _train(tmp: Path, data: Path, name: str, *extra: str, nproc: int = 1) -> Pat
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
     """One process, micro-batch 8: the global batch of the 2-rank runs below."""
-    return _train(tmp_path_factory.mktemp("ref"), tiny_data, "ref", "train.micro_batch_size=8")
+    return _train(tmp_path_factory.mktemp("ref"), tiny_data, "ref", "train.micro_batch_size=8",
+                  "train.peak_flops=1e12")
 
 
 @pytest.mark.timeout(300)
@@ -56,6 +58,28 @@ def test_grad_accum_equals_bigger_micro_batch(tmp_path: Path, tiny_data: Path, r
 
 
 @pytest.mark.timeout(300)
+def test_table_lr_scale_scales_only_the_expert_tables(tmp_path: Path, tiny_data: Path) -> None:
+    # One step from the same init (ZeRO-1): Adam's first update is lr * g / (|g| + eps), linear in
+    # the lr, so the tables move 3x as far at scale 3 as at scale 1, not at all at scale 0, and
+    # every other weight takes the same step in all three runs.
+    from tests.helpers import final_weights
+
+    runs = {scale: final_weights(_train(tmp_path, tiny_data, f"s{scale}", "train.max_steps=1", "train.eps=1e-12",
+                                        "train.zero_stage=1", f"train.table_lr_scale={scale}"))
+            for scale in (0, 1, 3)}
+    tables = {k for k in runs[0] if k.endswith(("experts.u", "experts.v"))}
+    assert len(tables) == 2
+    for key, init in runs[0].items():
+        if key in tables:
+            step1, step3 = runs[1][key] - init, runs[3][key] - init
+            assert step1.abs().max() > 1e-4
+            torch.testing.assert_close(step3, 3 * step1, rtol=1e-4, atol=1e-7)
+        else:
+            torch.testing.assert_close(runs[1][key], runs[0][key], rtol=0, atol=0)
+            torch.testing.assert_close(runs[3][key], runs[0][key], rtol=0, atol=0)
+
+
+@pytest.mark.timeout(300)
 def test_outputs_and_eval_reproduces_final_validation(tmp_path: Path, tiny_data: Path, reference: Path) -> None:
     # The run folder holds the resolved config, TensorBoard events, metrics and a checkpoint.
     assert (reference / "config.toml").is_file()
@@ -63,6 +87,14 @@ def test_outputs_and_eval_reproduces_final_validation(tmp_path: Path, tiny_data:
     rows = read_metrics(reference)
     final = [r for r in rows if "val/loss" in r][-1]
     assert {"train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(rows[0])
+    # Model FLOPs: the hand-checked count of peer_dist/model/flops.py times the measured tokens/s.
+    from peer_dist.config import load_config
+    from peer_dist.model.flops import model_flops_per_token
+
+    cfg = load_config(reference / "config.toml")
+    per_token = model_flops_per_token(cfg.model, 257, 32)
+    assert rows[0]["train/model_flops_per_s"] == pytest.approx(rows[0]["train/tokens_per_s"] * per_token)
+    assert rows[0]["train/mfu"] == pytest.approx(rows[0]["train/model_flops_per_s"] / 1e12)
     assert "experts/blocks.1.ffn/expert_usage" in final and "experts/blocks.1.ffn/unevenness_kl" in final
     assert 0 < final["experts/blocks.1.ffn/expert_usage"] <= 1
     # `peer-dist eval` rebuilds the model without DeepSpeed and must agree.

@@ -31,7 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from peer_dist.errors import ConfigError
-from peer_dist.model.expert_ops import DEFAULT_CHUNK_SIZE, ExpertRouting, expert_mix
+import torch.nn.functional as F
+
+from peer_dist.model.expert_ops import DEFAULT_CHUNK_SIZE, ExpertRouting, bag_sum, expert_mix
 
 OWNER_LAYOUTS = ("permuted", "contiguous")
 PERMUTE_MULTIPLIER = 2_654_435_761  # prime (Knuth's multiplicative hash constant)
@@ -140,6 +142,45 @@ class ExpertTables(nn.Module):
     def compute(self, x_TD: Tensor, gates_S: Tensor, routing: ExpertRouting) -> Tensor:
         """Expert mix over local rows: routing ids are local rows 0..L-1; (T, D)."""
         return expert_mix(x_TD, gates_S, routing, self.u, self.v, self.activation, self.kernel, self.chunk_size)
+
+    def extra_repr(self) -> str:
+        s = self.sharding
+        return f"rows={s.rows_per_rank} of {s.num_experts}, ep_rank={s.ep_rank}/{s.ep_size}, layout={s.layout}"
+
+
+class ValueTable(nn.Module):
+    """The value rows (L, D) of a PKM layer this process holds, and their weighted read.
+
+    A value read needs no input rows, only (slot, weight) pairs: ``needs_rows = False``
+    tells the expert-parallel dispatch not to send hidden vectors to the owners.
+    """
+
+    needs_rows = False
+
+    def __init__(self, sharding: ExpertSharding, d_model: int) -> None:
+        super().__init__()
+        self.sharding = sharding
+        self.weight = nn.Parameter(torch.empty(sharding.rows_per_rank, d_model))
+
+    @property
+    def d_out(self) -> int:
+        """Width of an output row (the inputs it is sent are zero-width)."""
+        return self.weight.shape[1]
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int, std: float) -> None:
+        if not self.weight.is_meta:
+            init_rows_(self.weight, self.sharding.global_ids(), self.sharding.num_experts, seed, std)
+
+    def forward(self, x_TD: Tensor, ids_TJ: Tensor, weights_TJ: Tensor) -> Tensor:
+        """All rows local: y[t] = sum_j weights[t, j] * value[ids[t, j]], (T, D)."""
+        if self.sharding.ep_size != 1:
+            raise RuntimeError("this value table is a shard: run the layer through the expert-parallel dispatch")
+        return F.embedding_bag(ids_TJ, self.weight, per_sample_weights=weights_TJ.to(self.weight.dtype), mode="sum")
+
+    def compute(self, rows_RD: Tensor, weights_S: Tensor, routing: ExpertRouting) -> Tensor:
+        """Weighted sum of local rows per received (token, source) pair, (R, D)."""
+        return bag_sum(weights_S.to(self.weight.dtype), self.weight, routing)
 
     def extra_repr(self) -> str:
         s = self.sharding

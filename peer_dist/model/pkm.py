@@ -25,9 +25,10 @@ never builds a (T, J, D) gathered tensor, in forward or backward.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peer_dist.errors import ConfigError
+from peer_dist.model.expert_tables import ExpertSharding, ValueTable
 from peer_dist.model.retrieval import ProductKeyLayer, validate_retrieval
 
 __all__ = ["PKM", "validate_pkm_config"]
@@ -59,11 +60,27 @@ class PKM(ProductKeyLayer):
         topk: int = 16,
         d_key: int = 128,
         query_norm: str = "batchnorm",
+        sharding: ExpertSharding | None = None,
     ) -> None:
         super().__init__(d_model, num_values, heads, topk, d_key, query_norm, slots_name="num_values")
         self.num_values = num_values
-        self.values = nn.Parameter(torch.empty(num_values, d_model))
+        sharding = sharding or ExpertSharding(num_values)
+        if sharding.num_experts != num_values:
+            raise ConfigError(f"sharding is for {sharding.num_experts} values, the layer has {num_values}")
+        # The value rows live in ``self.memory`` (parameter ``memory.weight``): all N, or this
+        # process's shard that the expert-parallel dispatch serves (like PEER's experts).
+        self.memory: nn.Module = ValueTable(sharding, d_model)
         self.reset_parameters()
+
+    @property
+    def value_table(self) -> ValueTable:
+        memory = self.memory
+        return memory if isinstance(memory, ValueTable) else memory.tables
+
+    @property
+    def values(self) -> Tensor:
+        """The value rows this process holds, (N or N / ep, D)."""
+        return self.value_table.weight
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -83,7 +100,8 @@ class PKM(ProductKeyLayer):
         """
         nn.init.normal_(self.query.weight, std=self.d_model**-0.5)
         nn.init.normal_(self.sub_keys, std=self.d_key**-0.5)
-        nn.init.normal_(self.values, std=(self.heads * self.topk) ** -0.5)
+        self.init_seed = int(torch.randint(0, 1 << 62, (), device="cpu").item())
+        self.value_table.reset_parameters(self.init_seed, std=(self.heads * self.topk) ** -0.5)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., D) -> y (..., D): retrieve, softmax per head, weighted value read."""
@@ -93,14 +111,9 @@ class PKM(ProductKeyLayer):
         if self._track_usage:
             self._accumulate_usage(ids_THK, weights_THK)
         num_tokens, num_slots = x_TD.shape[0], self.heads * self.topk
-        # One bag per token holding its H*K slots: the sum over heads and slots in
-        # one kernel. per_sample_weights must have the table's dtype.
-        y_TD = F.embedding_bag(
-            ids_THK.reshape(num_tokens, num_slots),
-            self.values,
-            per_sample_weights=weights_THK.reshape(num_tokens, num_slots).to(self.values.dtype),
-            mode="sum",
-        )
+        # One bag per token holding its H*K slots: the sum over heads and slots in one kernel
+        # (or, under expert parallelism, the owners' partial sums added up).
+        y_TD = self.memory(x_TD, ids_THK.reshape(num_tokens, num_slots), weights_THK.reshape(num_tokens, num_slots))
         return y_TD.to(x.dtype).view(x.shape)
 
     def extra_repr(self) -> str:

@@ -140,7 +140,8 @@ def build_ffn(cfg: ModelConfig, kind: str, placement: ExpertPlacement) -> nn.Mod
         )
     if kind == "pkm":
         k = cfg.pkm
-        return PKM(cfg.d_model, k.num_values, heads=k.heads, topk=k.topk, d_key=k.d_key, query_norm=k.query_norm)
+        return PKM(cfg.d_model, k.num_values, heads=k.heads, topk=k.topk, d_key=k.d_key, query_norm=k.query_norm,
+                   sharding=placement.sharding(k.num_values))
     raise ValueError(f"unknown ffn kind {kind!r}")  # config validation rejects this earlier
 
 

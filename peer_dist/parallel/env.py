@@ -15,9 +15,11 @@ scripts: launch/torchrun_multinode.sh, launch/mpirun.sh, slurm/train.sbatch.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +39,7 @@ _LAUNCHERS = (
     ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
 )
 _MPI_LAUNCHERS = ("mpich", "openmpi")
+_joined_group = False  # set once this process has called init_process_group (see end_process)
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0) -> No
             )
     addr = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     timeout = datetime.timedelta(seconds=timeout_s)
+    global _joined_group
+    _joined_group = True
     try:
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world, timeout=timeout,
                                 store=_restart_safe_store(env, timeout))
@@ -131,6 +136,35 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0) -> No
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def end_process(code: int) -> None:
+    """Leave a process that joined a process group: flush, then exit without C++ teardown.
+
+    gloo and c10d objects still alive at interpreter shutdown can abort the process from a
+    destructor ("terminate called without an active exception", SIGABRT) after all the work
+    is done and written, which torchrun reports as a failed rank. Every file is closed by
+    now (metrics, TensorBoard, checkpoints), so skipping the destructors loses nothing.
+    Processes that never initialised torch.distributed return normally.
+    """
+    if not _joined_group:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def finish_distributed() -> None:
+    """Orderly end of a job that succeeded: wait for every rank, then tear the process group down.
+
+    A rank that exits while gloo still has the group open can abort in its C++ destructor
+    ("terminate called without an active exception") and turn a good run into a failed one.
+    Not called on errors: a barrier would then wait for ranks that are gone.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _restart_safe_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store | None:

@@ -157,14 +157,15 @@ def _exchange_slots(plan: _Plan, received: _Received, group: Any) -> None:
 
 
 def _exchange_payload(x_TD: Tensor, gates_TJ: Tensor, plan: _Plan, received: _Received,
-                      group: Any) -> tuple[Tensor, Tensor]:
+                      group: Any, needs_rows: bool = True) -> tuple[Tensor, Tensor]:
     """Dispatch phase 2b: each pair's hidden row and each slot's gate, packed into ONE all_to_all.
 
     Per destination r the message is [rows of r (pairs_r * D values), gates of r (slots_r values)],
     so the forward and the backward are a single collective each.
     """
-    d_model = x_TD.shape[1]
-    rows_CD = x_TD.index_select(0, plan.pair_token_C)
+    # Tables that read no input (PKM values) get zero-width rows: only the gates travel.
+    d_model = x_TD.shape[1] if needs_rows else 0
+    rows_CD = x_TD.index_select(0, plan.pair_token_C)[:, :d_model]
     gates_S = gates_TJ.reshape(-1).index_select(0, plan.slot_order_S).to(x_TD.dtype)
     row_parts = rows_CD.split(plan.send_pairs)
     gate_parts = gates_S.split(plan.send_slots)
@@ -265,15 +266,15 @@ class DispatchStats:
         self.bound_bytes = 0  # 2 * D * pairs values: the hidden row out and the partial row back
         self.rows_received = 0
 
-    def add(self, x_TD: Tensor, plan: _Plan, received: _Received, num_ranks: int) -> None:
-        value_bytes = x_TD.element_size()
+    def add(self, x_TD: Tensor, plan: _Plan, received: _Received, num_ranks: int, rows_out: bool = True) -> None:
+        value_bytes, d_model = x_TD.element_size(), x_TD.shape[1]
         pairs, slots = sum(plan.send_pairs), sum(plan.send_slots)
         rows_back = sum(received.recv_pairs)
         self.tokens += x_TD.shape[0]
         self.pairs_sent += pairs
         self.rows_received += rows_back
-        self.bound_bytes += 2 * x_TD.shape[1] * pairs * value_bytes
-        self.bytes_sent += ((pairs + rows_back) * x_TD.shape[1] + slots) * value_bytes \
+        self.bound_bytes += (2 if rows_out else 1) * d_model * pairs * value_bytes
+        self.bytes_sent += ((pairs if rows_out else 0) * d_model + rows_back * d_model + slots) * value_bytes \
             + (pairs + slots) * _INT_BYTES + 2 * num_ranks * 8
 
 
@@ -348,10 +349,11 @@ def make_parallel_experts(experts: nn.Module, layout: ParallelLayout, rank: int)
             plan = _route(ids_TJ, tables.sharding, self.layout.ep)
             received = _exchange_counts(plan, group)
             _exchange_slots(plan, received, group)
-            rows_RD, gates_S = _exchange_payload(x_TD, gates_TJ, plan, received, group)
+            rows_RD, gates_S = _exchange_payload(x_TD, gates_TJ, plan, received, group,
+                                                 getattr(tables, "needs_rows", True))
             partial_RD = _compute(tables, rows_RD, gates_S, received)
             if self.training:  # validation forwards do not count in the training metrics
-                self.stats.add(x_TD, plan, received, self.layout.ep)
+                self.stats.add(x_TD, plan, received, self.layout.ep, getattr(tables, "needs_rows", True))
             return _return_partials(partial_RD, plan, received, x_TD.shape[0], group)
 
         def extra_repr(self) -> str:
@@ -368,7 +370,8 @@ def _compute(tables: nn.Module, rows_RD: Tensor, gates_S: Tensor, received: _Rec
         # the tables: otherwise this rank's backward would skip the payload all_to_all that the
         # other ranks enter, and the tables would get no gradient for DeepSpeed to reduce.
         anchor = rows_RD.sum() * 0 + gates_S.sum() * 0 + sum(p.reshape(-1)[:0].sum() for p in tables.parameters())
-        return rows_RD.new_zeros(0, rows_RD.shape[1]) + anchor
+        width = getattr(tables, "d_out", rows_RD.shape[1])  # PKM values: rows arrive zero-width
+        return rows_RD.new_zeros(0, width) + anchor
     routing = ExpertRouting.build_ragged(received.local_row_S, received.row_S, num_rows,
                                          tables.sharding.rows_per_rank)
     return tables.compute(rows_RD, gates_S, routing)
@@ -385,15 +388,16 @@ def parallelize_experts(model: nn.Module, layout: ParallelLayout, rank: int) -> 
         return 0
     count = 0
     for module in list(model.modules()):
-        experts = getattr(module, "experts", None)
-        sharding = getattr(experts, "sharding", None)
-        if sharding is None:
-            continue
-        if sharding.ep_size != layout.ep or sharding.ep_rank != layout.ep_rank(rank):
-            raise RuntimeError(f"{type(module).__name__} holds shard {sharding.ep_rank}/{sharding.ep_size}, the "
-                               f"layout gives rank {rank} shard {layout.ep_rank(rank)}/{layout.ep}")
-        module.experts = make_parallel_experts(experts, layout, rank)
-        count += 1
+        for attr in ("experts", "memory"):  # PEER / MoE experts, PKM value rows
+            tables = getattr(module, attr, None)
+            sharding = getattr(tables, "sharding", None)
+            if sharding is None:
+                continue
+            if sharding.ep_size != layout.ep or sharding.ep_rank != layout.ep_rank(rank):
+                raise RuntimeError(f"{type(module).__name__} holds shard {sharding.ep_rank}/{sharding.ep_size}, "
+                                   f"the layout gives rank {rank} shard {layout.ep_rank(rank)}/{layout.ep}")
+            setattr(module, attr, make_parallel_experts(tables, layout, rank))
+            count += 1
     return count
 
 
@@ -425,7 +429,7 @@ def dispatch_metrics(model: nn.Module, device: torch.device) -> dict[str, float]
     out = {}
     for (name, wrapper), row, most in zip(layers, total.tolist(), peak.tolist()):  # NOTE: host sync (metrics)
         tokens, pairs, sent, bound, received = row
-        prefix = f"ep/{name.removesuffix('.experts')}"
+        prefix = f"ep/{name.rsplit('.', 1)[0]}"  # the layer: drop .experts / .memory
         out[f"{prefix}/recv_rows_imbalance"] = most / max(received / world, 1e-9)
         out[f"{prefix}/bytes_per_token"] = sent / max(tokens, 1)
         out[f"{prefix}/bound_bytes_per_token"] = bound / max(tokens, 1)

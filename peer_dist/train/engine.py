@@ -94,8 +94,14 @@ def clip_gradients(model: nn.Module, max_norm: float, ep_group: Any = None, tp_g
     return norm.float()
 
 
-def param_groups(model: nn.Module, weight_decay: float, lazy_tables: bool = False) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, lazy_tables: bool = False,
+                 table_lr: float | None = None) -> list[dict[str, Any]]:
     """AdamW groups: decay on matrices, none on vectors (norms), product keys and tables.
+
+    ``table_lr`` is the tables' own peak learning rate (train.lr * train.table_lr_scale; the
+    schedule scales it like every other group's). Memory Layers at Scale trains its memory
+    values at a higher rate than the dense weights: a row gets a gradient only from the few
+    tokens that retrieve it.
 
     ``lazy_tables`` gives the tables (PEER experts, PKM values) the lazy row update of
     :class:`~peer_dist.train.optim.LazyRowAdamW` (train.expert_update = "lazy").
@@ -118,6 +124,8 @@ def param_groups(model: nn.Module, weight_decay: float, lazy_tables: bool = Fals
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
               {"params": table, "weight_decay": 0.0, "name": "tables", "lazy_rows": lazy_tables}]
+    if table_lr is not None:
+        groups[2]["lr"] = table_lr
     return [g for g in groups if g["params"]]
 
 
@@ -128,7 +136,7 @@ def table_parameters(model: nn.Module) -> list[nn.Parameter]:
         if isinstance(m, PEER):
             out += [m.expert_u, m.expert_v]
         elif isinstance(m, PKM):
-            out.append(m.values)
+            out.append(m.value_table.weight)
     return out
 
 
@@ -159,7 +167,8 @@ def build_engine(model: nn.Module, cfg: Config, layout: ParallelLayout) -> Any:
     import deepspeed
 
     t = cfg.train
-    groups = param_groups(model, t.weight_decay, lazy_tables=t.expert_update == "lazy")
+    groups = param_groups(model, t.weight_decay, lazy_tables=t.expert_update == "lazy",
+                          table_lr=t.lr * t.table_lr_scale)
     if layout.ep > 1:
         # DeepSpeed's MoE optimizer groups: expert params get their own groups ('moe': True)
         # that ZeRO partitions over the expert-data-parallel group only.

@@ -18,7 +18,7 @@ from peer_dist.data import Manifest, val_batches
 from peer_dist.errors import CheckpointError, DataError
 from peer_dist.log import get_logger, setup_logging
 from peer_dist.model import build_model
-from peer_dist.parallel.env import detect_env, init_distributed, pick_backend, pick_device
+from peer_dist.parallel.env import detect_env, finish_distributed, init_distributed, pick_backend, pick_device
 from peer_dist.train.metrics import evaluate
 
 
@@ -54,4 +54,5 @@ def run_eval(checkpoint: str | Path, data_path: str | None = None, batch_size: i
         print(f"checkpoint: {ckpt.path}")
         print(f"validation loss {metrics['val/loss']:.4f}  perplexity {metrics['val/perplexity']:.3f}")
         print("metrics: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}))
+    finish_distributed()
     return metrics

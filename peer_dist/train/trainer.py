@@ -27,8 +27,9 @@ from peer_dist.data import Manifest, TrainStream, val_batches
 from peer_dist.errors import CheckpointError, ConfigError
 from peer_dist.log import get_logger, setup_logging
 from peer_dist.model import ExpertPlacement, build_model, lm_loss
+from peer_dist.model.flops import model_flops_per_token
 from peer_dist.parallel.data_parallel import sync_batch_statistics
-from peer_dist.parallel.env import DistEnv, detect_env, init_distributed, pick_backend, pick_device
+from peer_dist.parallel.env import DistEnv, detect_env, finish_distributed, init_distributed, pick_backend, pick_device
 from peer_dist.parallel.expert_parallel import dispatch_metrics, parallelize_experts
 from peer_dist.parallel.layout import ParallelLayout
 from peer_dist.train.engine import build_engine, clip_gradients, clips_manually
@@ -58,6 +59,7 @@ class _Setup:
     engine: Any
     writer: MetricsWriter | None = None  # created once resume has checked the run folder
     update_s: float = 0.0  # time in optimizer updates since the last log line
+    flops_per_token: float = 0.0  # training FLOPs per token of the model (peer_dist/model/flops.py)
     state_buffers: list[str] | None = None  # persistent buffer names, see _state_buffers
 
 
@@ -71,11 +73,13 @@ def run_training(cfg: Config) -> TrainResult:
     setup = _set_up(cfg)
     stop = PreemptionHandler(cfg.train.stop_signals).install()
     try:
-        return _train(cfg, setup, stop)
+        result = _train(cfg, setup, stop)
     finally:
         wait_for_pending_save()
         if setup.writer is not None:
             setup.writer.close()
+    finish_distributed()
+    return result
 
 
 def _set_up(cfg: Config) -> _Setup:
@@ -107,7 +111,8 @@ def _set_up(cfg: Config) -> _Setup:
 
         sync_batch_statistics(model, groups._get_data_parallel_group())
     get_logger().info("parallel layout: %s", layout.describe())
-    return _Setup(env, layout, device, manifest, model, engine)
+    flops = model_flops_per_token(cfg.model, vocab, manifest.seq_len)
+    return _Setup(env, layout, device, manifest, model, engine, flops_per_token=flops)
 
 
 def seed_everything(seed: int) -> None:
@@ -375,11 +380,14 @@ def _log_interval(cfg: Config, setup: _Setup, loop: _Loop, interval_loss: torch.
     elapsed = time.perf_counter() - loop.interval_start
     lr = setup.engine.get_lr()[0]
     tokens_per_step = _global_batch(cfg, setup.layout) * setup.manifest.seq_len
-    values = {"train/loss": loss_sum / max(count, 1), "train/lr": lr,
-              "train/tokens_per_s": tokens_per_step * steps / elapsed,
+    tokens_per_s = tokens_per_step * steps / elapsed
+    values = {"train/loss": loss_sum / max(count, 1), "train/lr": lr, "train/tokens_per_s": tokens_per_s,
+              "train/model_flops_per_s": tokens_per_s * setup.flops_per_token,
               "train/bad_steps": float(loop.guard.bad_steps_total), "train/rollbacks": float(loop.guard.rollbacks)}
     if grad_norm is not None:  # the norm of the interval's last step
         values["train/grad_norm"] = float(grad_norm)
+    if cfg.train.peak_flops > 0:  # model FLOP utilisation over every rank's device
+        values["train/mfu"] = values["train/model_flops_per_s"] / (cfg.train.peak_flops * setup.env.world)
     values.update(_system_metrics(setup, loop.streams, elapsed))
     values.update(dispatch_metrics(setup.engine.module, setup.device))
     values.update(router_metrics(setup.engine.module))

@@ -1,0 +1,52 @@
+"""`peer-dist sweep SPEC --output DIR`: plan, train (skipping finished runs), tabulate and plot."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from peer_dist.errors import EXIT_USER_ERROR
+
+from peer_dist.sweep.plan import LAUNCHERS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="sweep spec (TOML), e.g. configs/sweeps/tiny.toml")
+    parser.add_argument("--output", "-o", required=True,
+                        help="sweep folder: runs/, configs/, logs/, results.csv, results.md, isoflop.png")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="none",
+                        help="how each run starts: one plain process (none) or torchrun --standalone")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes per run under --launcher torchrun (sets the global batch, hence the steps)")
+    parser.add_argument("--only", nargs="+", metavar="METHOD", default=None,
+                        help="plan and run only these methods of the spec")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config keys for every run, applied like the spec's [overrides] "
+                             "(method and size keys still win), e.g. data.path=data/my-corpus")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (params, FLOPs/token, steps, tokens, status) and exit; writes nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from peer_dist.sweep.plan import Launch, format_plan, human, plan_sweep
+    from peer_dist.sweep.runner import SweepRunner
+    from peer_dist.sweep.spec import flops_text, load_spec, with_overrides
+
+    launch = Launch(args.launcher, args.nproc)
+    spec = with_overrides(load_spec(args.spec), args.overrides)
+    output = Path(args.output)
+    runs = plan_sweep(spec, output, launch, args.only)
+    runner = SweepRunner(spec, runs, output, launch)
+    procs = f"{launch.nproc} process{'es' if launch.nproc > 1 else ''}"
+    print(f"sweep {spec.path}: {len(runs)} runs, {len(spec.budgets)} budget(s), launcher {launch.launcher} x {procs}, "
+          f"{human(sum(r.tokens for r in runs))} tokens, {flops_text(sum(r.flops for r in runs))} training FLOPs in all",
+          flush=True)
+    if args.dry_run:
+        conflicts: list[str] = []
+        states = runner.states(conflicts)
+        print(format_plan(runs, {name: state.status for name, state in states.items()}))
+        for message in conflicts:
+            print(f"conflict: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR if conflicts else 0
+    return runner.execute()

@@ -1,0 +1,292 @@
+"""Running a planned sweep: each point is one `peer-dist train` job in a subprocess.
+
+Output folder layout::
+
+    DIR/spec.toml              the spec this sweep was started with (a copy)
+    DIR/configs/<run>.toml     the resolved config of each run (what `train --config` reads)
+    DIR/runs/<run>/            each run's folder (metrics.jsonl, checkpoints/, tensorboard/)
+    DIR/logs/<run>.log         stdout + stderr of every attempt at the run, appended
+    DIR/logs/<run>.json        the attempts: command, exit code, wall seconds
+    DIR/results.csv, results.md, isoflop.png
+
+A run is *done* when its newest committed checkpoint is at the planned step and
+metrics.jsonl has the validation row of that step (the trainer validates, then
+commits the final checkpoint): it is never started again. Any other run is started
+with the same command; the trainer resumes by itself from its newest good checkpoint.
+A run folder whose checkpoint belongs to another configuration (the spec, base
+config, data or process count changed since) stops the sweep before anything runs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from peer_dist.config import dump_toml
+from peer_dist.errors import CheckpointError, UserError
+from peer_dist.fileio import write_atomic
+from peer_dist.sweep.plan import Launch, PlannedRun, data_fingerprint, format_plan
+from peer_dist.sweep.results import RunResult, final_validation, result_from_folder, write_results
+from peer_dist.sweep.spec import SweepSpec
+
+EXIT_PREEMPTED = 75  # as the trainer's (peer_dist/train/signals.py): rerun the same command to continue
+EXIT_RUN_FAILED = 1
+_LOG_TAIL_LINES = 25
+
+
+@dataclass(frozen=True)
+class RunState:
+    status: str  # "done" | "resume" | "new"
+    step: int = 0  # newest committed checkpoint's step
+
+
+def run_state(run: PlannedRun, fingerprint: str | None = None) -> RunState:
+    """Where ``run``'s folder stands, without hashing checkpoint files (the trainer verifies on resume).
+
+    Raises CheckpointError when the folder holds a run of another configuration.
+    """
+    from peer_dist.checkpoint.store import list_checkpoints
+
+    checkpoints = list_checkpoints(run.run_dir / "checkpoints")
+    if not checkpoints:
+        return RunState("new")
+    newest = checkpoints[0]
+    try:
+        state = newest.trainer_state()
+    except (OSError, ValueError):  # a damaged checkpoint: the trainer falls back to an older one
+        return RunState("resume", newest.step)
+    expected = {"config_hash": run.config_hash, "global_batch": run.global_batch}
+    if fingerprint is not None:
+        expected["data_fingerprint"] = fingerprint
+    for key, value in expected.items():
+        if state.get(key) != value:
+            raise CheckpointError(
+                f"run folder {run.run_dir} holds a checkpoint ({newest.path.name}) with {key}={state.get(key)!r}, "
+                f"the sweep plans {key}={value!r} for it: the spec, its base config, the data or --nproc changed "
+                "since that run. Delete the folder to retrain it, or use another --output")
+    if newest.step > run.steps:
+        raise CheckpointError(f"run folder {run.run_dir} has a checkpoint at step {newest.step}, beyond the "
+                              f"{run.steps} steps planned: delete the folder to retrain it, or use another --output")
+    if newest.step == run.steps and final_validation(run.run_dir, run.steps) is not None:
+        return RunState("done", newest.step)
+    return RunState("resume", newest.step)
+
+
+def train_command(config_path: Path, launch: Launch) -> list[str]:
+    """`peer-dist train --config FILE`, as one process or under torchrun (python -m torch.distributed.run)."""
+    train = ["-m", "peer_dist.cli", "train", "--config", str(config_path)]
+    if launch.launcher == "none":
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={launch.nproc}", *train]
+
+
+class _Stopper:
+    """SIGTERM / SIGUSR1 to the sweep: pass it to the running job (which checkpoints and exits 75), start no more.
+
+    A plain child gets the same signal; torchrun gets SIGTERM, which it forwards to its
+    workers (it would die on SIGUSR1 and orphan them). The trainer stops on both by default
+    (train.stop_signals).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, launch: Launch) -> None:
+        self.launch = launch
+        self.child: subprocess.Popen[bytes] | None = None
+        self.stopped = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> _Stopper:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.stopped = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum if self.launch.launcher == "none" else signal.SIGTERM)
+
+
+@contextmanager
+def _locked(output: Path) -> Iterator[None]:
+    """One sweep per output folder at a time (two would train the same run folders)."""
+    with open(output / ".sweep.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `peer-dist sweep` is running on {output} (lock {output / '.sweep.lock'})") \
+                from None
+        yield
+
+
+class SweepRunner:
+    def __init__(self, spec: SweepSpec, runs: list[PlannedRun], output: Path, launch: Launch) -> None:
+        self.spec, self.runs, self.output, self.launch = spec, runs, output, launch
+        self._fingerprints: dict[str, str] = {}
+
+    def fingerprint(self, run: PlannedRun) -> str:
+        path = run.cfg.data.path
+        if path not in self._fingerprints:
+            self._fingerprints[path] = data_fingerprint(path)
+        return self._fingerprints[path]
+
+    def states(self, conflicts: list[str] | None = None) -> dict[str, RunState]:
+        """Every run's state. A run folder of another configuration raises (before anything runs),
+        or, with a ``conflicts`` list, is reported there and gets the state "conflict"."""
+        out = {}
+        for run in self.runs:
+            try:
+                out[run.name] = run_state(run, self.fingerprint(run))
+            except CheckpointError as exc:
+                if conflicts is None:
+                    raise
+                conflicts.append(str(exc))
+                out[run.name] = RunState("conflict")
+        return out
+
+    def execute(self) -> int:
+        """Train every run that is not done, in plan order; results after each. Returns the exit code."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        with _locked(self.output):
+            states = self.states()
+            write_atomic(self.output / "spec.toml", self.spec.path.read_text())
+            print(format_plan(self.runs, {n: s.status for n, s in states.items()}), flush=True)
+            self.write_results()
+            stopper = _Stopper(self.launch).install()
+            try:
+                code = self._run_all(states, stopper)
+            finally:
+                stopper.restore()
+            paths = self.write_results()
+            print("results: " + ", ".join(str(p) for p in paths), flush=True)
+            return code
+
+    def _run_all(self, states: dict[str, RunState], stopper: _Stopper) -> int:
+        failed = []
+        for i, run in enumerate(self.runs, 1):
+            tag = f"[{i}/{len(self.runs)}] {run.name}"
+            if states[run.name].status == "done":
+                print(f"{tag}: done, not retrained", flush=True)
+                continue
+            if stopper.stopped:
+                break
+            code = self._run_one(run, states[run.name], stopper, tag)
+            self.write_results()
+            if code == EXIT_PREEMPTED or stopper.stopped:
+                print(f"{tag}: stopped on a signal; rerun the same command to continue", flush=True)
+                return EXIT_PREEMPTED
+            if code != 0:
+                failed.append(run.name)
+        if stopper.stopped:
+            return EXIT_PREEMPTED
+        if failed:
+            print(f"{len(failed)} run(s) failed: {', '.join(failed)}; see {self.output / 'logs'}/<run>.log. "
+                  "Rerun the same command to retry them (finished runs are kept).", flush=True)
+            return EXIT_RUN_FAILED
+        return 0
+
+    def _run_one(self, run: PlannedRun, state: RunState, stopper: _Stopper, tag: str) -> int:
+        config_path = self.output / "configs" / f"{run.name}.toml"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(config_path, dump_toml(run.cfg))
+        command = train_command(config_path, self.launch)
+        log_path = self.output / "logs" / f"{run.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        how = f"resuming from step {state.step}" if state.status == "resume" else "starting"
+        print(f"{tag}: {how}, {run.steps} steps of {run.tokens_per_step} tokens (log {log_path})", flush=True)
+        start = time.monotonic()
+        with open(log_path, "ab") as log:
+            log.write(f"\n=== sweep attempt {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command)}\n".encode())
+            log.flush()
+            code = self._wait(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), stopper)
+        wall = time.monotonic() - start
+        self._record_attempt(run, command, code, wall, stopped=stopper.stopped or code == EXIT_PREEMPTED)
+        if code == 0 and run_state(run).status != "done":
+            print(f"{tag}: exited 0 but its folder has no final checkpoint + validation at step {run.steps}",
+                  flush=True)
+            return EXIT_RUN_FAILED
+        if code == 0:
+            row = final_validation(run.run_dir, run.steps) or {}
+            print(f"{tag}: done in {wall:.0f} s, validation perplexity {row.get('val/perplexity', float('nan')):.3f}",
+                  flush=True)
+        elif code != EXIT_PREEMPTED:
+            print(f"{tag}: FAILED (exit {code}) after {wall:.0f} s; last lines of {log_path}:\n"
+                  + _tail(log_path, _LOG_TAIL_LINES), flush=True)
+        return code
+
+    @staticmethod
+    def _wait(child: subprocess.Popen[bytes], stopper: _Stopper) -> int:
+        stopper.child = child
+        try:
+            while True:
+                try:
+                    return child.wait()
+                except KeyboardInterrupt:  # Ctrl-C reached the child too (same process group): let it end
+                    stopper.stopped = True
+        finally:
+            stopper.child = None
+
+    def _record_attempt(self, run: PlannedRun, command: list[str], code: int, wall: float, stopped: bool) -> None:
+        path = self.output / "logs" / f"{run.name}.json"
+        attempts = _read_attempts(path)
+        # stopped: a stop signal ended it (torchrun itself then exits 1 although its workers checkpointed)
+        attempts.append({"command": command, "exit_code": code, "stopped": stopped, "wall_s": round(wall, 2),
+                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_atomic(path, json.dumps({"attempts": attempts}, indent=1))
+
+    def results(self) -> list[RunResult]:
+        out = []
+        for run in self.runs:
+            attempts = _read_attempts(self.output / "logs" / f"{run.name}.json")
+            wall = sum(a["wall_s"] for a in attempts) if attempts else None
+            try:
+                state = run_state(run)
+            except CheckpointError:
+                state = RunState("conflict")
+            out.append(result_from_folder(run, _status_text(run, state, attempts), wall))
+        return out
+
+    def write_results(self) -> list[Path]:
+        return write_results(self.output, self.results(), self.spec.description or self.spec.path.stem)
+
+
+def _status_text(run: PlannedRun, state: RunState, attempts: list[dict[str, Any]]) -> str:
+    if state.status in ("done", "conflict"):
+        return state.status
+    last = attempts[-1] if attempts else {}
+    if last.get("exit_code", 0) != 0:
+        what = "stopped" if last.get("stopped") else "failed"
+        return f"{what} (exit {last['exit_code']}, step {state.step} of {run.steps})"
+    return f"partial (step {state.step} of {run.steps})" if state.step else "pending"
+
+
+def _read_attempts(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text())["attempts"])
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
+def _tail(path: Path, lines: int) -> str:
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - 16384))
+        text = fh.read().decode(errors="replace")
+    return "\n".join("    " + line for line in text.splitlines()[-lines:])

@@ -1,0 +1,313 @@
+"""`peer-dist sweep`: planning from FLOP budgets, real training runs, resume without retraining, results.
+
+The end-to-end sweep trains tiny dense, MoE, PKM and PEER models through the real CLI; its
+numbers are checked against a plain `peer-dist train` of the same resolved config and against
+the checkpoints' own token counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, _env, read_metrics, run_cli
+
+SHARED = """
+[overrides]
+model.d_model = 32
+model.n_layers = 2
+model.n_heads = 2
+model.d_ff = 64
+train.micro_batch_size = 4
+train.lr = 3e-3
+train.eps = 1e-4
+train.eval_interval = 0
+train.eval_batches = 2
+train.log_interval = 1
+train.progress = false
+train.ckpt_interval = 4
+"""
+
+SPEC = """
+[sweep]
+budgets = [{budget}]
+min_steps = 4
+warmup_fraction = 0.1
+description = "test sweep"
+""" + SHARED + """
+[methods.dense]
+overrides = {{ model.ffn = "dense" }}
+sizes = [ {{ name = "f64", model.d_ff = 64 }}, {{ name = "f128", model.d_ff = 128 }} ]
+
+[methods.moe]
+overrides = {{ model.ffn = "moe", model.moe = {{ topk = 1, d_expert = 32 }} }}
+sizes = [ {{ name = "e4", model.moe.num_experts = 4 }} ]
+
+[methods.pkm]
+overrides = {{ model.ffn = "pkm", model.pkm = {{ heads = 2, topk = 4, d_key = 16 }} }}
+sizes = [ {{ name = "n16", model.pkm.num_values = 256 }} ]
+
+[methods.peer]
+overrides = {{ model.ffn = "peer", model.peer = {{ heads = 2, topk = 4, d_key = 16 }} }}
+sizes = [ {{ name = "n16", model.peer.num_experts = 256 }}, {{ name = "n32", model.peer.num_experts = 1024 }} ]
+"""
+
+BUDGET = 1.2e9  # 7-13 steps of 4 x 32 tokens for these models: seconds each
+
+
+def _write_spec(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "spec.toml"
+    path.write_text(text)
+    return path
+
+
+def _sweep(spec: Path, out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run_cli(["sweep", str(spec), "-o", str(out), *args], timeout=900, check=check)
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "results.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _trainer_state(run_dir: Path) -> dict:
+    from peer_dist.checkpoint.store import list_checkpoints
+
+    return list_checkpoints(run_dir / "checkpoints")[0].trainer_state()
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    root = tmp_path_factory.mktemp("sweep")
+    spec = _write_spec(root / "spec", SPEC.format(budget=BUDGET))
+    out = root / "out"
+    _sweep(spec, out, f"data.path={tiny_data}")
+    return out
+
+
+def test_every_run_spends_its_budget_and_nothing_more(sweep: Path, tiny_data: Path) -> None:
+    from peer_dist.config import load_config
+    from peer_dist.data import Manifest
+    from peer_dist.model.flops import model_flops_per_token
+
+    rows = _rows(sweep)
+    vocab = Manifest.load(tiny_data).vocab_size
+    assert [(r["method"], r["size"]) for r in rows] == [
+        ("dense", "f64"), ("dense", "f128"), ("moe", "e4"), ("pkm", "n16"), ("peer", "n16"), ("peer", "n32")]
+    for row in rows:
+        assert row["status"] == "done"
+        run_dir = sweep / "runs" / row["run_name"]
+        cfg = load_config(sweep / "configs" / f"{row['run_name']}.toml")
+        assert cfg.model.ffn == row["ffn"]
+        # what the trainer actually consumed, from its final checkpoint
+        state = _trainer_state(run_dir)
+        steps = int(row["steps"])
+        assert state["step"] == steps == cfg.train.max_steps
+        assert state["consumed_tokens"] == steps * 4 * 32
+        step_flops = model_flops_per_token(cfg.model, vocab, 32) * 4 * 32
+        assert float(row["flops_per_token"]) * 4 * 32 == pytest.approx(step_flops, rel=1e-12)
+        assert steps * step_flops <= BUDGET < (steps + 1) * step_flops
+        assert cfg.train.warmup_steps == round(0.1 * steps)
+        # the table's perplexity is the run's own final validation
+        val = [m for m in read_metrics(run_dir) if "val/loss" in m][-1]
+        assert val["step"] == steps
+        assert float(row["val_loss"]) == pytest.approx(val["val/loss"], rel=1e-12)
+        assert float(row["val_perplexity"]) == pytest.approx(math.exp(val["val/loss"]), rel=1e-9)
+    # bigger models cost more per token, so they get fewer steps of the same budget
+    steps = {(r["method"], r["size"]): int(r["steps"]) for r in rows}
+    assert steps[("dense", "f128")] < steps[("dense", "f64")]
+
+
+def test_sweep_run_equals_a_plain_train_of_its_config(sweep: Path, tmp_path: Path) -> None:
+    name = "b1.2e9-peer-n32"
+    run_cli(["train", "--config", str(sweep / "configs" / f"{name}.toml"), f"run.dir={tmp_path}"])
+    ours = [m["val/loss"] for m in read_metrics(sweep / "runs" / name) if "val/loss" in m]
+    plain = [m["val/loss"] for m in read_metrics(tmp_path / name) if "val/loss" in m]
+    assert ours == pytest.approx(plain, rel=1e-6)
+
+
+def test_tables_and_plot(sweep: Path) -> None:
+    rows = _rows(sweep)
+    md = (sweep / "results.md").read_text()
+    # Table 1: per method, the size with the lowest perplexity
+    for method in ("dense", "moe", "pkm", "peer"):
+        mine = [r for r in rows if r["method"] == method]
+        best = min(mine, key=lambda r: float(r["val_perplexity"]))
+        line = next(line for line in md.split("paper Table 1")[1].splitlines() if f"| {method} |" in line)
+        assert f"| {best['size']} |" in line and f"{float(best['val_perplexity']):.3f}" in line
+    # Table 2: usage and unevenness of the PEER and PKM layers, from the final validation
+    usage = md.split("paper Table 2")[1]
+    for row in rows:
+        if row["ffn"] in ("peer", "pkm"):
+            metrics = [m for m in read_metrics(sweep / "runs" / row["run_name"]) if "val/loss" in m][-1]
+            layer_usage = [v for k, v in metrics.items() if k.startswith("experts/") and k.endswith("/expert_usage")]
+            assert layer_usage and float(row["expert_usage"]) == pytest.approx(sum(layer_usage) / len(layer_usage))
+            assert f"{100 * layer_usage[0]:.1f}%" in usage
+    from matplotlib.image import imread
+
+    image = imread(sweep / "isoflop.png")
+    assert image.shape[0] == round(4.2 * 120) and image.shape[1] == round(5.0 * 120)
+
+
+def test_rerun_trains_nothing_again(sweep: Path, tiny_data: Path) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in (sweep / "runs").glob("*/metrics.jsonl")}
+    proc = _sweep(sweep / "spec.toml", sweep, f"data.path={tiny_data}")
+    assert proc.stdout.count("done, not retrained") == 6
+    after = {p.name: p.stat().st_mtime_ns for p in (sweep / "runs").glob("*/metrics.jsonl")}
+    assert before == after
+    assert all(r["status"] == "done" for r in _rows(sweep))
+
+
+def test_changed_spec_on_old_folder_is_refused(sweep: Path, tiny_data: Path) -> None:
+    csv_before = (sweep / "results.csv").read_text()
+    proc = _sweep(sweep / "spec.toml", sweep, f"data.path={tiny_data}", "train.lr=1e-3", check=False)
+    assert proc.returncode == 2
+    assert "holds a checkpoint" in proc.stderr and "config_hash" in proc.stderr and "Traceback" not in proc.stderr
+    assert (sweep / "results.csv").read_text() == csv_before
+
+
+def test_only_runs_the_named_methods_and_rejects_unknown(tmp_path: Path, tiny_data: Path) -> None:
+    spec = _write_spec(tmp_path, SPEC.format(budget=BUDGET))
+    proc = _sweep(spec, tmp_path / "out", f"data.path={tiny_data}", "--only", "lstm", check=False)
+    assert proc.returncode == 2 and "no method 'lstm'" in proc.stderr and "dense, moe, pkm, peer" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    proc = _sweep(spec, tmp_path / "out", f"data.path={tiny_data}", "--only", "dense", "--dry-run")
+    assert "b1.2e9-dense-f64" in proc.stdout and "peer" not in proc.stdout.split("\n", 1)[1]
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def test_steps_for_budget_is_exact() -> None:
+    from peer_dist.sweep import steps_for_budget
+
+    # 6e18 FLOPs at 1e9 FLOPs/token and 128 x 2048 tokens/step: 22888.18... steps
+    assert steps_for_budget(6e18, 1e9, 128 * 2048) == 22888
+    # exact ratio of the written decimals: binary floats would give 2.99999... here
+    assert steps_for_budget(0.3, 0.1, 1) == 3
+    assert steps_for_budget(10.0, 3.0, 1) == 3
+
+
+def test_budget_too_small_names_every_short_run(tmp_path: Path, tiny_data: Path) -> None:
+    spec = _write_spec(tmp_path, SPEC.format(budget=3e7))
+    proc = _sweep(spec, tmp_path / "out", f"data.path={tiny_data}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "6 configuration(s) get fewer than sweep.min_steps = 4" in proc.stderr
+    assert "dense/f128" in proc.stderr and "needs a budget >=" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("budgets = [{budget}]", "budgets = []"), "sweep.budgets must be a non-empty list"),
+    (("budgets = [{budget}]", "budgets = [-1.0]"), "every budget must be a positive number"),
+    (("min_steps = 4", "min_steps = 4\nbudget = 3"), "unknown key 'budget' in [sweep]"),
+    (("train.ckpt_interval = 4", "train.max_steps = 4"), "sets train.max_steps"),
+    (("train.ckpt_interval = 4", "train.warmup_steps = 4"), "sets train.warmup_steps"),
+    (('name = "f128"', 'name = "f64"'), "the name 'f64' is used twice"),
+    (('name = "f128"', 'name = "f 128"'), "use letters, digits"),
+    (("model.d_ff = 64\n", "model.d_fff = 64\n"), "unknown config key model.d_fff"),
+    (("topk = 1, d_expert", "topk = 9, d_expert"), "sweep point moe/e4"),
+])
+def test_bad_spec_is_a_clear_error(tmp_path: Path, tiny_data: Path, edit: tuple[str, str], message: str) -> None:
+    old, new = edit
+    text = SPEC.replace(old, new, 1)
+    assert text != SPEC
+    spec = _write_spec(tmp_path, text.format(budget=BUDGET))
+    proc = _sweep(spec, tmp_path / "out", f"data.path={tiny_data}", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_command_line_is_a_clear_error(tmp_path: Path) -> None:
+    proc = _sweep(tmp_path / "missing.toml", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "missing.toml does not exist" in proc.stderr
+    spec = _write_spec(tmp_path, SPEC.format(budget=BUDGET))
+    proc = run_cli(["sweep", str(spec), "data.path", "-o", str(tmp_path / "out")], check=False)
+    assert proc.returncode == 2 and "'data.path' is not key=value" in proc.stderr
+    proc = _sweep(spec, tmp_path / "out", "data.path", check=False)  # after -o: argparse's own message
+    assert proc.returncode == 2 and "unrecognized arguments: data.path" in proc.stderr
+    proc = _sweep(spec, tmp_path / "out", "--nproc", "2", check=False)
+    assert proc.returncode == 2 and "needs --launcher torchrun" in proc.stderr
+    proc = _sweep(spec, tmp_path / "out", "data.path=/nowhere", check=False)
+    assert proc.returncode == 2 and "/nowhere" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs" / "sweeps").glob("*.toml")), ids=lambda p: p.stem)
+def test_presets_plan(preset: Path, tiny_data: Path, tmp_path: Path) -> None:
+    # Every shipped preset plans (configs validate, budgets buy enough steps) on the
+    # default corpus's sequence length; --dry-run writes nothing.
+    proc = _sweep(preset, tmp_path / "out", f"data.path={tiny_data}", "--dry-run")
+    assert "runs," in proc.stdout and "conflict" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- interruption and launchers
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_stopped_sweep_resumes_and_matches_an_uninterrupted_run(tmp_path: Path, tiny_data: Path) -> None:
+    one = SPEC.split("[methods.dense]")[0].format(budget=3 * BUDGET) + """
+[methods.peer]
+overrides = { model.ffn = "peer", model.peer = { heads = 2, topk = 4, d_key = 16, num_experts = 256 } }
+sizes = [ { name = "n16" } ]
+"""
+    spec = _write_spec(tmp_path / "spec", one)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "peer_dist.cli", "sweep", str(spec), "-o", str(out), f"data.path={tiny_data}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "runs" / "b3.6e9-peer-n16" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and sum('"train/loss"' in line for line in metrics.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, text
+    assert "stopped on a signal" in text
+    row = _rows(out)[0]
+    assert row["status"].startswith("stopped (exit 75")
+    resumed = _sweep(spec, out, f"data.path={tiny_data}")
+    assert "resuming from step" in resumed.stdout
+    row = _rows(out)[0]
+    assert row["status"] == "done"
+    # the uninterrupted reference: the same resolved config trained in one go
+    run_cli(["train", "--config", str(out / "configs" / "b3.6e9-peer-n16.toml"), f"run.dir={tmp_path / 'ref'}"])
+    ref = read_metrics(tmp_path / "ref" / "b3.6e9-peer-n16")
+    ours = read_metrics(out / "runs" / "b3.6e9-peer-n16")
+    losses = lambda rows: {m["step"]: m["train/loss"] for m in rows if "train/loss" in m}  # noqa: E731
+    assert losses(ours) == pytest.approx(losses(ref), rel=1e-6)
+    assert float(row["val_loss"]) == pytest.approx([m for m in ref if "val/loss" in m][-1]["val/loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_torchrun_launcher_doubles_the_global_batch(tmp_path: Path, tiny_data: Path) -> None:
+    one = SPEC.split("[methods.dense]")[0].format(budget=BUDGET) + """
+[methods.dense]
+overrides = { model.ffn = "dense" }
+sizes = [ { name = "f64" } ]
+"""
+    spec = _write_spec(tmp_path / "spec", one)
+    single = _sweep(spec, tmp_path / "one", f"data.path={tiny_data}", "train.micro_batch_size=8")
+    double = _sweep(spec, tmp_path / "two", f"data.path={tiny_data}", "--launcher", "torchrun", "--nproc", "2")
+    assert "launcher torchrun x 2 processes" in double.stdout and "launcher none x 1 process" in single.stdout
+    one_row, two_row = _rows(tmp_path / "one")[0], _rows(tmp_path / "two")[0]
+    # 2 ranks x micro-batch 4 is the global batch of 1 process x 8: same steps, same run up to fp32 noise
+    assert two_row["global_batch"] == one_row["global_batch"] == "8"
+    assert two_row["steps"] == one_row["steps"] and int(two_row["steps"]) >= 4
+    assert float(two_row["val_loss"]) == pytest.approx(float(one_row["val_loss"]), rel=1e-5)
+    assert _trainer_state(tmp_path / "two" / "runs" / "b1.2e9-dense-f64")["consumed_tokens"] == \
+        int(two_row["steps"]) * 8 * 32
