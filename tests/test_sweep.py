@@ -183,6 +183,11 @@ def test_only_runs_the_named_methods_and_rejects_unknown(tmp_path: Path, tiny_da
     proc = _sweep(spec, tmp_path / "out", f"data.path={tiny_data}", "--only", "dense", "--dry-run")
     assert "b1.2e9-dense-f64" in proc.stdout and "peer" not in proc.stdout.split("\n", 1)[1]
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    proc = _sweep(spec, tmp_path / "out", f"data.path={tiny_data}", "--only", "dense/f128", "peer", "--dry-run")
+    planned = [w for w in proc.stdout.split() if w.startswith("b1.2e9-")]
+    assert planned == ["b1.2e9-dense-f128", "b1.2e9-peer-n16", "b1.2e9-peer-n32"]
+    proc = _sweep(spec, tmp_path / "out", f"data.path={tiny_data}", "--only", "dense/f32", check=False)
+    assert proc.returncode == 2 and "method dense has no size 'f32'; it has: f64, f128" in proc.stderr
 
 
 # ---------------------------------------------------------------------------- planning

@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how each run starts: one plain process (none) or torchrun --standalone")
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes per run under --launcher torchrun (sets the global batch, hence the steps)")
-    parser.add_argument("--only", nargs="+", metavar="METHOD", default=None,
-                        help="plan and run only these methods of the spec")
+    parser.add_argument("--only", nargs="+", metavar="METHOD[/SIZE]", default=None,
+                        help="plan and run only these methods (peer) or sizes of a method (peer/d96)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config keys for every run, applied like the spec's [overrides] "
                              "(method and size keys still win), e.g. data.path=data/my-corpus")

@@ -112,23 +112,47 @@ def steps_for_budget(budget: float, flops_per_token: float, tokens_per_step: int
 
 
 def plan_sweep(spec: SweepSpec, output: str | Path, launch: Launch, only: list[str] | None = None) -> list[PlannedRun]:
-    """Every (budget, method, size) of the spec, in spec order; ``only`` keeps those methods.
+    """Every (budget, method, size) of the spec, in spec order.
+
+    ``only`` keeps some of them: each entry a method ("peer") or one size of it ("peer/d96").
 
     Raises ConfigError naming the point for a config that does not validate, and one
     ConfigError listing every point whose budget buys fewer than ``spec.min_steps`` steps.
     """
-    methods = [spec.method(name) for name in only] if only else list(spec.methods)
+    wanted = _selection(spec, only)
+    methods = [m for m in spec.methods if m.name in wanted]
     run_root = Path(output) / "runs"
     data = _DataInfo()
     runs = []
     for budget in spec.budgets:
         for method in methods:
             for size in method.sizes:
+                if wanted[method.name] and size.name not in wanted[method.name]:
+                    continue
                 runs.append(_plan_point(spec, budget, method, size, run_root, launch, data))
     short = [r for r in runs if r.steps < spec.min_steps]
     if short:
         raise ConfigError(_too_few_steps_message(spec, short))
     return runs
+
+
+def _selection(spec: SweepSpec, only: list[str] | None) -> dict[str, set[str]]:
+    """{method: sizes wanted (empty set: all)} from ``--only`` entries METHOD or METHOD/SIZE."""
+    if not only:
+        return {m.name: set() for m in spec.methods}
+    whole: set[str] = set()
+    sizes: dict[str, set[str]] = {}
+    for entry in only:
+        name, _, size = entry.partition("/")
+        method = spec.method(name)  # ConfigError naming the spec's methods
+        if not size:
+            whole.add(name)
+        elif size in {s.name for s in method.sizes}:
+            sizes.setdefault(name, set()).add(size)
+        else:
+            raise ConfigError(f"--only {entry}: method {name} has no size {size!r}; it has: "
+                              f"{', '.join(s.name for s in method.sizes)}")
+    return {name: set() if name in whole else sizes[name] for name in whole | sizes.keys()}
 
 
 def _plan_point(spec: SweepSpec, budget: float, method: MethodSpec, size: SizeSpec, run_root: Path, launch: Launch,
