@@ -186,6 +186,9 @@ def test_only_runs_the_named_methods_and_rejects_unknown(tmp_path: Path, tiny_da
     proc = _sweep(spec, tmp_path / "out", f"data.path={tiny_data}", "--only", "dense/f128", "peer", "--dry-run")
     planned = [w for w in proc.stdout.split() if w.startswith("b1.2e9-")]
     assert planned == ["b1.2e9-dense-f128", "b1.2e9-peer-n16", "b1.2e9-peer-n32"]
+    # key=value words after --only are overrides, not methods
+    proc = _sweep(spec, tmp_path / "out", "--only", "dense/f64", f"data.path={tiny_data}", "--dry-run")
+    assert [w for w in proc.stdout.split() if w.startswith("b1.2e9-")] == ["b1.2e9-dense-f64"]
     proc = _sweep(spec, tmp_path / "out", f"data.path={tiny_data}", "--only", "dense/f32", check=False)
     assert proc.returncode == 2 and "method dense has no size 'f32'; it has: f64, f128" in proc.stderr
 

@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     from peer_dist.sweep.runner import SweepRunner
     from peer_dist.sweep.spec import flops_text, load_spec, with_overrides
 
+    if args.only:  # `--only peer key=value`: the nargs="+" list also took the overrides after it
+        args.overrides += [word for word in args.only if "=" in word]
+        args.only = [word for word in args.only if "=" not in word] or None
     launch = Launch(args.launcher, args.nproc)
     spec = with_overrides(load_spec(args.spec), args.overrides)
     output = Path(args.output)

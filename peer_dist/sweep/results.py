@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,7 +234,7 @@ def plot_isoflop(results: Sequence[RunResult], path: Path, title: str) -> None:
         ax.set_title(f"{flops_text(budget)} FLOPs")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"isoFLOP: {title}")
+    fig.suptitle(textwrap.fill(f"isoFLOP: {title}", width=55 * len(budgets)), fontsize="medium")
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fig.savefig(fh, format="png", dpi=120)
