@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # `sweep SPEC -o DIR key=value`: argparse hands out positionals in one go, so overrides
     # written after an option arrive here; only key=value words are taken.
-    if extra and getattr(args, "overrides", None) is not None and args.command == "sweep" \
+    if extra and getattr(args, "overrides", None) is not None \
             and all("=" in word and not word.startswith("-") for word in extra):
         args.overrides += extra
     elif extra:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from peer_dist.errors import ConfigError, LaunchError
-from peer_dist.parallel.env import DistEnv, _check_mpi_world, detect_env, init_distributed
+from peer_dist.parallel.env import DistEnv, _check_mpi_world, detect_env, free_port, init_distributed
 from peer_dist.train.signals import EXIT_PREEMPTED, PreemptionHandler, parse_signal, requeue_slurm_job
 from tests.helpers import ROOT, assert_same_run, run_cli
 from tests.slurm_cluster import SlurmCluster, clean_env, slurm_cluster  # noqa: F401  (slurm_cluster: fixture)
@@ -49,12 +48,6 @@ def torchrun_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> P
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _require_mpi() -> None:
@@ -127,7 +120,7 @@ def test_slurm_without_master_address_is_a_clear_error(monkeypatch: pytest.Monke
 @pytest.mark.timeout(60)
 def test_missing_ranks_fail_the_rendezvous_with_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     # Rank 1 of 2 and nobody at MASTER_ADDR:MASTER_PORT: a bounded wait, then one message.
-    port = _free_port()
+    port = free_port()
     _launcher_env(monkeypatch, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     with pytest.raises(LaunchError, match=f"rank 1 of 2 .slurm. could not form the process group at 127.0.0.1:{port}"):
         init_distributed(DistEnv(1, 2, 0, "slurm"), "gloo", timeout_s=2)
@@ -229,7 +222,7 @@ def _progress(out: Path, rank: int) -> int:
 @pytest.mark.parametrize("sig, target", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)])
 def test_signal_to_one_rank_stops_all_ranks_at_the_same_step(tmp_path: Path, sig: signal.Signals,
                                                              target: int) -> None:
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", _SIGNAL_WORKER, str(tmp_path)], cwd=ROOT,
                               env=clean_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -310,7 +303,7 @@ def test_torchrun_multinode_script_with_two_agents_equals_torchrun(tmp_path: Pat
                                                                    torchrun_run: Path) -> None:
     # Two "nodes" on this machine: two torchrun agents with one worker each meet in the c10d
     # rendezvous that node 0 hosts.
-    common = dict(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    common = dict(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                   RDZV_ID=f"test-{os.getpid()}", PEER_DIST_VENV=str(VENV), JOIN_TIMEOUT="120")
     cmd = ["bash", "launch/torchrun_multinode.sh", *_overrides(tiny_data, tmp_path, "multinode")]
     agents = [subprocess.Popen(cmd, cwd=ROOT, env=clean_env(NODE_RANK=str(n), **common), stdout=subprocess.PIPE,

@@ -101,7 +101,7 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0) -> No
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world), LOCAL_RANK=str(env.local_rank))
     if env.launcher == "single":
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     else:
         if env.launcher in _MPI_LAUNCHERS:
             _mpi_rendezvous(env)
@@ -199,7 +199,7 @@ def _mpi_rendezvous(env: DistEnv) -> None:
     chosen = None
     if env.rank == 0:
         addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if len(set(hosts)) == 1 else _routable_address())
-        port = os.environ.get("MASTER_PORT") or str(_free_port("" if addr != "127.0.0.1" else addr))
+        port = os.environ.get("MASTER_PORT") or str(free_port("" if addr != "127.0.0.1" else addr))
         chosen = (addr, port)
     addr, port = comm.bcast(chosen, root=0)
     os.environ.setdefault("MASTER_ADDR", addr)
@@ -257,7 +257,8 @@ def _routable_address() -> str:
         return name
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the OS picks it)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

@@ -346,14 +346,14 @@ def make_parallel_experts(experts: nn.Module, layout: ParallelLayout, rank: int)
 
         def _dispatch(self, x_TD: Tensor, ids_TJ: Tensor, gates_TJ: Tensor) -> Tensor:
             tables, group = self.tables, self.ep_group
+            needs_rows = getattr(tables, "needs_rows", True)  # False: PKM values read no input
             plan = _route(ids_TJ, tables.sharding, self.layout.ep)
             received = _exchange_counts(plan, group)
             _exchange_slots(plan, received, group)
-            rows_RD, gates_S = _exchange_payload(x_TD, gates_TJ, plan, received, group,
-                                                 getattr(tables, "needs_rows", True))
+            rows_RD, gates_S = _exchange_payload(x_TD, gates_TJ, plan, received, group, needs_rows)
             partial_RD = _compute(tables, rows_RD, gates_S, received)
             if self.training:  # validation forwards do not count in the training metrics
-                self.stats.add(x_TD, plan, received, self.layout.ep, getattr(tables, "needs_rows", True))
+                self.stats.add(x_TD, plan, received, self.layout.ep, needs_rows)
             return _return_partials(partial_RD, plan, received, x_TD.shape[0], group)
 
         def extra_repr(self) -> str:

@@ -62,6 +62,7 @@ class PlannedRun:
     params_total: int
     params_active: int
     steps: int
+    data_fingerprint: str  # of the data manifest the run trains on (its checkpoints record it)
 
     @property
     def name(self) -> str:
@@ -164,7 +165,7 @@ def _plan_point(spec: SweepSpec, budget: float, method: MethodSpec, size: SizeSp
     try:
         cfg = load_config(spec.base, [f"{key}={render_value(value)}" for key, value in overrides.items()])
         layout = ParallelLayout(launch.nproc, tp=cfg.parallel.tp, ep=cfg.parallel.ep)
-        seq_len, data_vocab = data.get(cfg.data.path, cfg)
+        seq_len, data_vocab, fingerprint = data.get(cfg.data.path, cfg)
         vocab = cfg.model.vocab_size or data_vocab
         fpt = model_flops_per_token(cfg.model, vocab, seq_len)
         params = total_params(cfg.model, vocab), active_params(cfg.model, vocab)
@@ -185,28 +186,22 @@ def _plan_point(spec: SweepSpec, budget: float, method: MethodSpec, size: SizeSp
     except UserError as exc:
         raise type(exc)(f"{where}: {exc}") from None
     return PlannedRun(budget, method.name, size.name, cfg, cfg.model.ffn, vocab, seq_len, global_batch, fpt,
-                      params[0], params[1], steps)
+                      params[0], params[1], steps, fingerprint)
 
 
 class _DataInfo:
-    """(seq_len, vocab) of each data path, read once from its manifest."""
+    """(seq_len, vocab, fingerprint) of each data path, read once from its manifest."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, tuple[int, int]] = {}
+        self._cache: dict[str, tuple[int, int, str]] = {}
 
-    def get(self, path: str, cfg: Config) -> tuple[int, int]:
+    def get(self, path: str, cfg: Config) -> tuple[int, int, str]:
         if path not in self._cache:
             from peer_dist.data import Manifest
 
             manifest = Manifest.load(path, read_retries=cfg.data.read_retries, retry_wait_s=cfg.data.retry_wait_s)
-            self._cache[path] = (manifest.seq_len, manifest.vocab_size)
+            self._cache[path] = (manifest.seq_len, manifest.vocab_size, manifest.fingerprint)
         return self._cache[path]
-
-
-def data_fingerprint(path: str) -> str:
-    from peer_dist.data import Manifest
-
-    return Manifest.load(path).fingerprint
 
 
 def render_value(value: Any) -> str:

@@ -68,22 +68,24 @@ def read_metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def final_validation(run_dir: Path, step: int) -> dict[str, Any] | None:
+def final_validation(run_dir: Path, step: int, rows: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """The last validation row (``val/loss``) written at ``step``: the run's final evaluation."""
-    rows = [r for r in read_metrics_rows(run_dir) if r.get("step") == step and "val/loss" in r]
-    return rows[-1] if rows else None
+    rows = read_metrics_rows(run_dir) if rows is None else rows
+    matches = [r for r in rows if r.get("step") == step and "val/loss" in r]
+    return matches[-1] if matches else None
 
 
 def result_from_folder(run: PlannedRun, status: str, wall_s: float | None) -> RunResult:
     result = RunResult(run, status, wall_s=wall_s)
     if status != "done":
         return result
-    row = final_validation(run.run_dir, run.steps)
+    rows = read_metrics_rows(run.run_dir)
+    row = final_validation(run.run_dir, run.steps, rows)
     if row is None:  # the caller's status said done; the folder disagrees
         result.status = "partial (no final validation)"
         return result
     result.val_loss, result.val_perplexity = float(row["val/loss"]), float(row["val/perplexity"])
-    train = [r["train/loss"] for r in read_metrics_rows(run.run_dir) if "train/loss" in r and r["step"] == run.steps]
+    train = [r["train/loss"] for r in rows if "train/loss" in r and r["step"] == run.steps]
     result.train_loss = float(train[-1]) if train else None
     for key, value in row.items():
         if key.startswith("experts/"):

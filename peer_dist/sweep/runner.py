@@ -36,7 +36,7 @@ from typing import Any
 from peer_dist.config import dump_toml
 from peer_dist.errors import CheckpointError, UserError
 from peer_dist.fileio import write_atomic
-from peer_dist.sweep.plan import Launch, PlannedRun, data_fingerprint, format_plan
+from peer_dist.sweep.plan import Launch, PlannedRun, format_plan
 from peer_dist.sweep.results import RunResult, final_validation, result_from_folder, write_results
 from peer_dist.sweep.spec import SweepSpec
 
@@ -51,7 +51,7 @@ class RunState:
     step: int = 0  # newest committed checkpoint's step
 
 
-def run_state(run: PlannedRun, fingerprint: str | None = None) -> RunState:
+def run_state(run: PlannedRun) -> RunState:
     """Where ``run``'s folder stands, without hashing checkpoint files (the trainer verifies on resume).
 
     Raises CheckpointError when the folder holds a run of another configuration.
@@ -66,9 +66,8 @@ def run_state(run: PlannedRun, fingerprint: str | None = None) -> RunState:
         state = newest.trainer_state()
     except (OSError, ValueError):  # a damaged checkpoint: the trainer falls back to an older one
         return RunState("resume", newest.step)
-    expected = {"config_hash": run.config_hash, "global_batch": run.global_batch}
-    if fingerprint is not None:
-        expected["data_fingerprint"] = fingerprint
+    expected = {"config_hash": run.config_hash, "global_batch": run.global_batch,
+                "data_fingerprint": run.data_fingerprint}
     for key, value in expected.items():
         if state.get(key) != value:
             raise CheckpointError(
@@ -137,13 +136,6 @@ def _locked(output: Path) -> Iterator[None]:
 class SweepRunner:
     def __init__(self, spec: SweepSpec, runs: list[PlannedRun], output: Path, launch: Launch) -> None:
         self.spec, self.runs, self.output, self.launch = spec, runs, output, launch
-        self._fingerprints: dict[str, str] = {}
-
-    def fingerprint(self, run: PlannedRun) -> str:
-        path = run.cfg.data.path
-        if path not in self._fingerprints:
-            self._fingerprints[path] = data_fingerprint(path)
-        return self._fingerprints[path]
 
     def states(self, conflicts: list[str] | None = None) -> dict[str, RunState]:
         """Every run's state. A run folder of another configuration raises (before anything runs),
@@ -151,7 +143,7 @@ class SweepRunner:
         out = {}
         for run in self.runs:
             try:
-                out[run.name] = run_state(run, self.fingerprint(run))
+                out[run.name] = run_state(run)
             except CheckpointError as exc:
                 if conflicts is None:
                     raise
