@@ -109,9 +109,10 @@ class TrainConfig:
     beta2: float = _at_least(0.95, 0.0)
     eps: float = _at_least(1e-8, 0.0)
     grad_clip: float = _at_least(1.0, 0.0)  # 0 disables clipping
-    # Optimizer update of the expert tables (PEER u/v, PKM values): "dense" AdamW over every row,
-    # or "lazy": only the rows retrieved this step (LazyAdam semantics; zero_stage 0 and fp32 only).
-    expert_update: str = _choice("dense", ("dense", "lazy"))
+    # Gradients and update of the expert tables (PEER u/v, PKM values): "sparse" = row-sparse
+    # gradients, reduction and AdamW over the rows a step retrieved (a row's own Adam step count;
+    # every ZeRO stage and precision), or "dense" = (N, D) gradients through DeepSpeed's AdamW.
+    expert_update: str = _choice("sparse", ("sparse", "dense"))
     # Peak learning rate of the expert tables (PEER u/v, PKM values) relative to train.lr.
     table_lr_scale: float = _at_least(1.0, 0.0)
     zero_stage: int = _choice(0, (0, 1, 2))
@@ -336,9 +337,6 @@ def validate(cfg: Config) -> None:
             parse_signal(name)
         except ConfigError as exc:
             raise ConfigError(f"train.stop_signals: {exc}") from None
-    if cfg.train.expert_update == "lazy" and (cfg.train.zero_stage != 0 or cfg.train.precision != "fp32"):
-        raise ConfigError("train.expert_update='lazy' needs train.zero_stage=0 and train.precision='fp32' "
-                          "(ZeRO and the bf16 optimizer flatten the tables, so rows cannot be updated alone)")
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a non-empty folder name without '/'")
 

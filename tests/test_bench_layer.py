@@ -1,4 +1,4 @@
-"""Smoke test of `peer-dist bench layer` at tiny sizes, and its naive reference against PEER."""
+"""`peer-dist bench layer` at tiny sizes (report structure, sweep, floor), and its naive reference against PEER."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def test_defaults_are_the_paper_scale_benchmark() -> None:
     args = _parse([])
-    assert (args.experts, args.heads, args.topk, args.d_model) == (256 * 256, 8, 16, 512)
+    assert (args.experts, args.heads, args.topk, args.d_model) == (str(256 * 256), 8, 16, 512)
     assert args.tokens >= 2048 and args.repeats >= 3
 
 
@@ -37,7 +37,10 @@ def test_naive_reference_agrees_with_peer(activation_norm: str) -> None:
     grad_y = torch.randn(20, 16, dtype=torch.float64)
     results = []
     for model in (peer, naive):
-        y = layer._step(model, x, grad_y)
+        peer.zero_grad(set_to_none=True)
+        x.grad = None
+        y = model(x)
+        y.backward(grad_y)
         results.append([y, x.grad.clone()] + [p.grad.clone() for p in peer.parameters()])
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
@@ -45,23 +48,36 @@ def test_naive_reference_agrees_with_peer(activation_norm: str) -> None:
 
 def test_bench_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
-    assert layer.run(_parse(TINY + ["--repeats", "2", "--threads", "1", "--json", str(out)])) == 0
+    argv = TINY + ["--experts", "64,256", "--reference-max-experts", "64", "--repeats", "2", "--threads", "1",
+                   "--json", str(out)]
+    assert layer.run(_parse(argv)) == 0
     printed = capsys.readouterr().out
-    for word in ("ours", "naive", "dense", "naive/ours", "ms/1k tok", "peak MB"):
+    for word in ("fwd+bwd+update", "ours_dense", "naive/ours", "ms/1k tok", "peak MB", "floor:", "ours/floor",
+                 "sweep: ours at N=256 vs N=64", "references skipped"):
         assert word in printed
-    results = json.loads(out.read_text())
-    assert set(results["variants"]) == {"ours", "naive", "dense"}
-    assert results["agreement"]["ok"] and max(results["agreement"]["max_rel_err"].values()) < 1e-4
-    assert {"y", "x.grad", "experts.u", "experts.v", "sub_keys", "query.weight"} <= set(results["agreement"]["max_rel_err"])
-    for row in results["variants"].values():
-        assert len(row["times_ms"]) == 2 and row["ms_per_1k_tokens"] > 0 and row["peak_mb"] >= 0
-        assert row["us_per_token"] == pytest.approx(row["ms_per_1k_tokens"])
-    assert results["ratios"]["naive_over_ours_time"] > 0
+    report = json.loads(out.read_text())
+    small, large = report["runs"]
+    assert set(small["variants"]) == {"ours", "ours_dense", "naive", "dense"} and set(large["variants"]) == {"ours"}
+    assert small["agreement"]["ok"] and max(small["agreement"]["max_rel_err"].values()) < 1e-4
+    assert {"y", "x.grad", "experts.u", "experts.v", "sub_keys", "query.weight"} <= set(small["agreement"]["max_rel_err"])
+    for run in report["runs"]:
+        for row in run["variants"].values():
+            assert len(row["times_ms"]) == 2 and row["ms_per_1k_tokens"] > 0 and row["peak_mb"] >= 0
+        # 32 tokens x 2 heads x 4 retrievals: at most 256 distinct experts, and never more than N
+        assert 0 < run["distinct_experts"] <= min(256, run["config"]["experts"])
+        floor = run["floor"]
+        assert floor["bytes"] == run["distinct_experts"] * 2 * 2 * 16 * 4 and floor["copy_gb_per_s"] > 0
+        assert floor["ours_over_floor"] == pytest.approx(run["variants"]["ours"]["median_step_ms"] / floor["ms"])
+    assert small["ratios"]["naive_over_ours_time"] > 0
+    sweep = report["sweep"]
+    assert sweep["time_ratio"] == pytest.approx(large["variants"]["ours"]["median_step_ms"]
+                                                / small["variants"]["ours"]["median_step_ms"])
 
 
 @pytest.mark.parametrize(
     "argv,flag",
-    [(["--tokens", "0"], "--tokens"), (["--experts", "1000"], "num_experts"), (["--topk", "99"], "topk")],
+    [(["--tokens", "0"], "--tokens"), (["--experts", "1000"], "num_experts"), (["--topk", "99"], "topk"),
+     (["--experts", "64,x"], "--experts")],
 )
 def test_bad_arguments_raise_config_error(argv: list[str], flag: str) -> None:
     with pytest.raises(ConfigError, match=flag):

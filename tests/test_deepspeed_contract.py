@@ -19,7 +19,7 @@ OVERRIDES = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d
              "train.micro_batch_size=2"]
 
 
-def _engine(rank: int, world: int, tp: int, ep: int, zero: int):  # noqa: ANN202
+def _engine(rank: int, world: int, tp: int, ep: int, zero: int, update: str = "dense"):  # noqa: ANN202
     from peer_dist.config import load_config
     from peer_dist.model import ExpertPlacement, build_model
     from peer_dist.parallel.expert_parallel import parallelize_experts
@@ -29,11 +29,12 @@ def _engine(rank: int, world: int, tp: int, ep: int, zero: int):  # noqa: ANN202
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)  # as the trainer does
-    cfg = load_config(None, [*OVERRIDES, f"parallel.tp={tp}", f"parallel.ep={ep}", f"train.zero_stage={zero}"])
+    cfg = load_config(None, [*OVERRIDES, f"parallel.tp={tp}", f"parallel.ep={ep}", f"train.zero_stage={zero}",
+                             f"train.expert_update={update}"])
     layout = ParallelLayout(world, tp=tp, ep=ep)
     torch.manual_seed(0)
     model = build_model(cfg.model, 64, ExpertPlacement(ep, layout.ep_rank(rank)))
-    parallelize_experts(model, layout, rank)
+    parallelize_experts(model, layout, rank, row_sparse_tables=cfg.train.expert_update == "sparse")
     return build_engine(model, cfg, layout), layout
 
 
@@ -86,3 +87,39 @@ def test_deepspeed_moe_contract(tp: int) -> None:
         assert r["expert_grad"] == pytest.approx(sum(q + 1 for q in edp) / dp)
         dense_group = [q for q in range(4) if q % tp == rank % tp]
         assert r["dense_grad"] == pytest.approx(sum(q + 1 for q in dense_group) / dp)
+
+
+def _sparse_worker(rank: int, world: int, tp: int, zero: int) -> dict[str, object]:
+    from deepspeed.utils import groups
+
+    from peer_dist.model.expert_tables import init_rows_
+    from peer_dist.model.peer import PEER
+
+    engine, layout = _engine(rank, world, tp=tp, ep=2, zero=zero, update="sparse")
+    peer = next(m for m in engine.module.modules() if isinstance(m, PEER))
+    tables = engine.table_optimizer
+    in_optimizer = {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
+    sharding = peer.expert_tables.sharding
+    own_rows = torch.empty_like(peer.expert_u.detach())  # what this rank's shard must hold after the broadcast
+    init_rows_(own_rows, sharding.global_ids(), sharding.num_experts, peer.init_seed, peer.d_model ** -0.5)
+    name = "ep_size_2"
+    return {
+        "tables": len(tables.params), "requires_grad": any(p.requires_grad for p in tables.params),
+        "in_optimizer": any(id(p) in in_optimizer for p in tables.params),
+        "has_moe": engine.has_moe_layers,
+        # DeepSpeed's initial broadcast stayed within the expert-data-parallel group
+        "own_rows": bool(torch.equal(peer.expert_u.detach().float(), own_rows.float())),
+        "edp_group": list(groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name]), "layout_edp": layout.edp_group(rank),
+        "norm_hook": hasattr(engine.optimizer, "scaled_global_norm"),  # ZeRO 1/2 (bf16 at ZeRO 0: the trainer test)
+    }
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tp,zero", [(1, 1), (2, 2)])
+def test_row_sparse_tables_stay_out_of_deepspeed(tp: int, zero: int) -> None:
+    for r in run_ranks(_sparse_worker, 4, tp, zero, timeout=240):
+        assert r["tables"] == 2 and not r["requires_grad"] and not r["in_optimizer"], r
+        assert not r["has_moe"]  # no MoE layer: ZeRO needs no (empty) MoE parameter group
+        assert r["own_rows"], "DeepSpeed's broadcast overwrote an expert shard"
+        assert sorted(r["edp_group"]) == sorted(r["layout_edp"])
+        assert r["norm_hook"]

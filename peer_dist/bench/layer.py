@@ -1,30 +1,45 @@
-"""`peer-dist bench layer`: one PEER layer, forward + backward, against two references.
+"""`peer-dist bench layer`: one PEER layer, forward + backward + optimizer update, against references.
 
-Variants, measured side by side in one run:
-    ours   peer_dist.model.peer.PEER (streams expert rows, never builds (T, h*k, D) tensors)
-    naive  the paper's Algorithm 1 the way public implementations write it: the
-           same retrieval, then gather u and v into (T, h, k, D) tensors and einsum
-    dense  a dense FFW (D -> d_ff -> D, GELU) with the same active parameters per
-           token as PEER's experts: d_ff = h * k
+Variants, measured side by side in one run, for every N of ``--experts``:
+    ours        peer_dist.model.peer.PEER with row-sparse table gradients and the
+                row-sparse AdamW of peer_dist.train.sparse_tables (the training default)
+    ours_dense  the same layer with dense (N, D) table gradients and torch AdamW over
+                every row (train.expert_update = "dense")
+    naive       the paper's Algorithm 1 the way public implementations write it: the
+                same retrieval, then gather u and v into (T, h, k, D) tensors and
+                einsum; dense gradients, torch AdamW
+    dense       a dense FFW (D -> d_ff -> D, GELU) with the same active parameters per
+                token as PEER's experts: d_ff = h * k; torch AdamW
+The references (all but ours) run for N up to ``--reference-max-experts``: beyond it
+their dense optimizer state alone would not fit next to ours on a small machine.
 
-Time: one fresh subprocess holds all three variants on the same parameters and
-inputs, first asserts that ours and naive agree (outputs and every gradient),
-then runs the fwd+bwd steps round-robin (robust to drift on a shared machine);
-median over repeats.
+Time: one fresh subprocess per N holds all variants (separate copies of the same
+initial parameters, same inputs), first asserts that ours and naive agree (outputs
+and every gradient, before any update), then runs fwd + bwd + update round-robin
+(robust to drift on a shared machine); median over repeats.
 
-Peak memory: one fresh subprocess per variant builds the layer and inputs, warms
-up on a few tokens (thread pools, BLAS buffers), reads RSS, resets the kernel's
-peak-RSS counter (/proc/self/clear_refs, Linux), runs ONE full fwd+bwd and
-reports peak RSS minus that baseline: the step's working memory, parameter
-gradients included. Without clear_refs it falls back to ru_maxrss, which also
-counts the build phase (reported as such).
+Peak memory: one fresh subprocess per (N, variant) builds the layer, its optimizer
+and inputs, runs one warm-up step on a few tokens (thread pools, BLAS buffers, and
+the optimizer state, which like the tables is persistent), reads RSS, resets the
+kernel's peak-RSS counter (/proc/self/clear_refs, Linux), runs ONE full step and
+reports peak RSS minus that baseline: the step's working memory beyond the tables
+and their optimizer state (dense gradients, gathered tensors, temporaries). Without
+clear_refs it falls back to ru_maxrss, which also counts the build phase (reported).
+
+Floor: every distinct expert a step retrieves has its u and v rows read once and
+written once (the update); at the copy bandwidth measured in the same run (a
+256 MiB tensor copy, read + write bytes) that takes
+    U * 2 tables * 2 (read + write) * D * 4 bytes / bandwidth,
+with U the distinct experts of the benchmark batch. The report prints ours / floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
+import math
 import os
 import resource
 import statistics
@@ -32,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -42,15 +57,18 @@ from torch import Tensor, nn
 from peer_dist.errors import ConfigError
 from peer_dist.model.expert_ops import DEFAULT_CHUNK_SIZE
 from peer_dist.model.peer import PEER
+from peer_dist.train.sparse_tables import SparseTableAdamW, TableSpec
 
-VARIANTS = ("ours", "naive", "dense")
+VARIANTS = ("ours", "ours_dense", "naive", "dense")
+REFERENCES = VARIANTS[1:]
 # Relative tolerance of the ours-vs-naive check (fp32, different summation orders).
 AGREEMENT_RTOL = 1e-4
+LR = 1e-3  # any positive rate: the update's cost does not depend on it
 
 
 @dataclass(frozen=True)
 class BenchSpec:
-    """Everything a worker process needs; travels as JSON."""
+    """Everything a worker process needs for one N; travels as JSON."""
 
     experts: int
     heads: int
@@ -65,10 +83,11 @@ class BenchSpec:
     chunk_size: int
     query_norm: str
     timeout_s: float
+    references: bool = True  # also run ours_dense, naive and dense
 
 
 class NaivePEER(nn.Module):
-    """Algorithm 1 with materialised gathers, sharing the retrieval and tables of ``peer``.
+    """Algorithm 1 with materialised gathers, over the retrieval and tables of ``peer``.
 
     This is the reference we beat: u_THKD and v_THKD are (tokens, h, k, D), and
     their gradients are too.
@@ -102,62 +121,107 @@ class DenseFFW(nn.Module):
         return self.down(F.gelu(self.up(x_TD)))
 
 
+class _Trainable:
+    """A variant: its module and its optimizer(s); :meth:`step` = zero grads, fwd, bwd, update."""
+
+    def __init__(self, module: nn.Module, sparse_tables: bool) -> None:
+        self.module = module
+        self.tables = None
+        if sparse_tables:
+            peer = module
+            self.tables = SparseTableAdamW([TableSpec(peer.expert_u), TableSpec(peer.expert_v)], lr=LR)
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.adamw = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+
+    def step(self, x_TD: Tensor, grad_y_TD: Tensor) -> Tensor:
+        self.adamw.zero_grad(set_to_none=True)
+        x_TD.grad = None
+        y_TD = self.module(x_TD)
+        y_TD.backward(grad_y_TD)
+        self.adamw.step()
+        if self.tables is not None:
+            self.tables.reduce()
+            self.tables.step()
+        return y_TD.detach()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `peer-dist bench layer`."""
-    parser.add_argument("--experts", type=int, default=256 * 256, help="N, a perfect square (default 256^2)")
+    parser.add_argument("--experts", default=str(256 * 256),
+                        help="N, a perfect square, or a comma-separated sweep (e.g. 65536,262144,1048576)")
     parser.add_argument("--heads", type=int, default=8, help="h (default 8)")
     parser.add_argument("--topk", type=int, default=16, help="k per head (default 16)")
     parser.add_argument("--d-model", type=int, default=512, help="D (default 512)")
     parser.add_argument("--d-key", type=int, default=128, help="query/key width (default 128)")
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens per fwd+bwd (default 2048)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed fwd+bwd per variant; median reported")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per step (default 2048)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per variant; median reported")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kernel", default="auto", help="PEER gather-dot kernel: auto | fused | chunked")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="pairs per chunk (chunked kernel)")
     parser.add_argument("--query-norm", default="batchnorm", help="batchnorm | layernorm | none")
+    parser.add_argument("--reference-max-experts", type=int, default=512 * 512,
+                        help="run ours_dense, naive and dense only up to this N (default 512^2)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results dict here")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Measure, print the table, optionally write JSON. Exit code 0, or 1 if ours != naive."""
-    spec = _spec_from_args(args)
-    memory = {variant: _spawn_worker("memory", variant, spec) for variant in VARIANTS}
-    timing = _spawn_worker("timing", "all", spec)
-    results = _summarise(spec, memory, timing)
-    print(format_table(results))
+    """Measure every N, print the tables and the sweep ratios. Exit 1 if ours != naive anywhere."""
+    specs = _specs_from_args(args)
+    bandwidth = measure_copy_bandwidth()
+    results = []
+    for spec in specs:
+        variants = VARIANTS if spec.references else ("ours",)
+        memory = {v: _spawn_worker("memory", v, spec) for v in variants}
+        timing = _spawn_worker("timing", "all", spec)
+        results.append(_summarise(spec, memory, timing, bandwidth))
+        print(format_table(results[-1]), flush=True)
+    sweep = sweep_ratios(results)
+    if sweep:
+        print(format_sweep(sweep))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    if not results["agreement"]["ok"]:
-        print(f"error: ours and naive disagree: {results['agreement']}", file=sys.stderr)
+            json.dump({"runs": results, "sweep": sweep, "copy_gb_per_s": bandwidth}, f, indent=2)
+    bad = [r["config"]["experts"] for r in results if not r["agreement"]["ok"]]
+    if bad:
+        print(f"error: ours and naive disagree at N = {bad}", file=sys.stderr)
         return 1
     return 0
 
 
-def _spec_from_args(args: argparse.Namespace) -> BenchSpec:
+def _specs_from_args(args: argparse.Namespace) -> list[BenchSpec]:
     for flag, value in (("--tokens", args.tokens), ("--repeats", args.repeats), ("--threads", args.threads)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    spec = BenchSpec(
-        experts=args.experts,
-        heads=args.heads,
-        topk=args.topk,
-        d_model=args.d_model,
-        d_key=args.d_key,
-        tokens=args.tokens,
-        repeats=args.repeats,
-        threads=args.threads,
-        seed=args.seed,
-        kernel=args.kernel,
-        chunk_size=args.chunk_size,
-        query_norm=args.query_norm,
-        timeout_s=args.timeout,
-    )
+    try:
+        sizes = [int(n) for n in str(args.experts).split(",") if n.strip()]
+    except ValueError:
+        raise ConfigError(f"--experts must be integers separated by commas, got {args.experts!r}") from None
+    if not sizes:
+        raise ConfigError("--experts needs at least one N")
+    base = BenchSpec(experts=sizes[0], heads=args.heads, topk=args.topk, d_model=args.d_model, d_key=args.d_key,
+                     tokens=args.tokens, repeats=args.repeats, threads=args.threads, seed=args.seed,
+                     kernel=args.kernel, chunk_size=args.chunk_size, query_norm=args.query_norm,
+                     timeout_s=args.timeout)
+    specs = [replace(base, experts=n, references=n <= args.reference_max_experts) for n in sizes]
     with torch.device("meta"):  # validates every PEER argument without allocating the tables
-        _make_peer(spec)
-    return spec
+        for spec in specs:
+            _make_peer(spec)
+    return specs
+
+
+def measure_copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """Median copy bandwidth in GB/s, counting read + write bytes, of a ``mib`` MiB fp32 tensor."""
+    src = torch.randn(mib * 2**18)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
 # ---- worker processes ----------------------------------------------------------------------
@@ -189,77 +253,74 @@ def worker_main(argv: list[str]) -> int:
 
 
 def _make_peer(spec: BenchSpec) -> PEER:
-    return PEER(
-        spec.d_model,
-        spec.experts,
-        heads=spec.heads,
-        topk=spec.topk,
-        d_key=spec.d_key,
-        query_norm=spec.query_norm,
-        chunk_size=spec.chunk_size,
-        kernel=spec.kernel,
-    )
+    return PEER(spec.d_model, spec.experts, heads=spec.heads, topk=spec.topk, d_key=spec.d_key,
+                query_norm=spec.query_norm, chunk_size=spec.chunk_size, kernel=spec.kernel)
 
 
-def _build(spec: BenchSpec) -> tuple[dict[str, nn.Module], Tensor, Tensor]:
-    """All variants (ours and naive share parameters), input x (T, D) and output grad (T, D)."""
+def _build(spec: BenchSpec, variants: tuple[str, ...]) -> tuple[dict[str, nn.Module], Tensor, Tensor]:
+    """The modules of ``variants`` (PEER ones: copies of the same initial layer), x (T, D), grad (T, D)."""
     torch.manual_seed(spec.seed)
     peer = _make_peer(spec)
     dense = DenseFFW(spec.d_model, spec.heads * spec.topk)
     x_TD = torch.randn(spec.tokens, spec.d_model).requires_grad_()
     grad_y_TD = torch.randn(spec.tokens, spec.d_model)
-    return {"ours": peer, "naive": NaivePEER(peer), "dense": dense}, x_TD, grad_y_TD
+    makers = {"ours": lambda: peer, "ours_dense": lambda: copy.deepcopy(peer),
+              "naive": lambda: NaivePEER(copy.deepcopy(peer)), "dense": lambda: dense}
+    return {v: makers[v]() for v in variants}, x_TD, grad_y_TD
 
 
-def _step(model: nn.Module, x_TD: Tensor, grad_y_TD: Tensor) -> Tensor:
-    """One fwd+bwd as in training (grads set to None first, like zero_grad())."""
-    model.zero_grad(set_to_none=True)
-    x_TD.grad = None
-    y_TD = model(x_TD)
-    y_TD.backward(grad_y_TD)
-    return y_TD.detach()
+def _trainables(modules: dict[str, nn.Module]) -> dict[str, _Trainable]:
+    return {v: _Trainable(m, sparse_tables=v == "ours") for v, m in modules.items()}
 
 
 def _measure_memory(variant: str, spec: BenchSpec) -> dict[str, Any]:
-    models, x_TD, grad_y_TD = _build(spec)
-    model = models[variant]
-    del models
-    # Warm up on a few tokens: thread pools, BLAS buffers and first-call state are
-    # process overhead, not the layer's working memory. Few tokens keep the
-    # allocator from retaining step-sized free blocks that the measured step
-    # could then reuse without raising RSS.
+    modules, x_TD, grad_y_TD = _build(spec, (variant,))
+    trainable = _trainables(modules)[variant]
+    # Warm up on a few tokens: thread pools, BLAS buffers, first-call state and the optimizer
+    # state are not the step's working memory. Few tokens keep the allocator from retaining
+    # step-sized free blocks that the measured step could then reuse without raising RSS.
     few = min(16, spec.tokens)
-    _step(model, x_TD[:few].detach().requires_grad_(), grad_y_TD[:few])
-    model.zero_grad(set_to_none=True)
+    trainable.step(x_TD[:few].detach().requires_grad_(), grad_y_TD[:few])
+    trainable.adamw.zero_grad(set_to_none=True)
     gc.collect()
     baseline_mb = _rss_mb()
     method = "VmHWM after clear_refs" if _reset_peak_rss() else "ru_maxrss (includes build phase)"
-    _step(model, x_TD, grad_y_TD)
+    trainable.step(x_TD, grad_y_TD)
     return {"variant": variant, "baseline_mb": baseline_mb, "peak_mb": _peak_rss_mb() - baseline_mb, "method": method}
 
 
 def _measure_time(spec: BenchSpec) -> dict[str, Any]:
-    models, x_TD, grad_y_TD = _build(spec)
-    agreement = _check_agreement(models["ours"], models["naive"], x_TD, grad_y_TD)
-    for model in models.values():  # warm-up: allocator, thread pools, first-call dispatch
-        _step(model, x_TD, grad_y_TD)
-    times_ms: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    variants = VARIANTS if spec.references else ("ours",)
+    modules, x_TD, grad_y_TD = _build(spec, variants)
+    agreement = _check_agreement(modules["ours"], modules["naive"], x_TD, grad_y_TD) if spec.references \
+        else {"ok": True, "max_rel_err": {}}
+    with torch.no_grad():
+        distinct = int(torch.unique(modules["ours"].retrieve(x_TD)[1]).numel())
+    trainables = _trainables(modules)
+    for t in trainables.values():  # warm-up: allocator, thread pools, first-call dispatch, optimizer state
+        t.step(x_TD, grad_y_TD)
+    times_ms: dict[str, list[float]] = {v: [] for v in variants}
     for rep in range(spec.repeats):
-        order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]
+        order = variants[rep % len(variants):] + variants[: rep % len(variants)]
         for variant in order:
             start = time.perf_counter()
-            _step(models[variant], x_TD, grad_y_TD)
+            trainables[variant].step(x_TD, grad_y_TD)
             times_ms[variant].append((time.perf_counter() - start) * 1e3)
-    return {"times_ms": times_ms, "agreement": agreement}
+    return {"times_ms": times_ms, "agreement": agreement, "distinct_experts": distinct}
 
 
 def _check_agreement(ours: nn.Module, naive: nn.Module, x_TD: Tensor, grad_y_TD: Tensor) -> dict[str, Any]:
-    """Same parameters (naive wraps ours), same input: outputs and all gradients must match."""
+    """Same initial parameters, same input: outputs and all gradients (dense, before any update) must match."""
     results = {}
     for name, model in (("ours", ours), ("naive", naive)):
-        y_TD = _step(model, x_TD, grad_y_TD)
-        grads = {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
-        results[name] = {"y": y_TD, "x.grad": x_TD.grad.clone(), **grads}
+        model.zero_grad(set_to_none=True)
+        x_TD.grad = None
+        y_TD = model(x_TD)
+        y_TD.backward(grad_y_TD)
+        peer = model if name == "ours" else model.peer
+        grads = {n: p.grad.clone() for n, p in peer.named_parameters() if p.grad is not None}
+        results[name] = {"y": y_TD.detach(), "x.grad": x_TD.grad.clone(), **grads}
+        model.zero_grad(set_to_none=True)
     errors = {}
     for key, ref in results["naive"].items():
         scale = ref.abs().max().clamp_min(1e-12)
@@ -305,54 +366,72 @@ def _ru_maxrss_mb() -> float:
 # ---- report --------------------------------------------------------------------------------
 
 
-def _summarise(spec: BenchSpec, memory: dict[str, dict[str, Any]], timing: dict[str, Any]) -> dict[str, Any]:
+def _summarise(spec: BenchSpec, memory: dict[str, dict[str, Any]], timing: dict[str, Any],
+               bandwidth_gb_s: float) -> dict[str, Any]:
     variants = {}
-    for variant in VARIANTS:
-        times = timing["times_ms"][variant]
+    for variant, times in timing["times_ms"].items():
         median_ms = statistics.median(times)
-        variants[variant] = {
-            "ms_per_1k_tokens": median_ms / spec.tokens * 1e3,
-            "us_per_token": median_ms * 1e3 / spec.tokens,  # equals ms per 1k tokens
-            "median_step_ms": median_ms,
-            "times_ms": times,
-            "peak_mb": memory[variant]["peak_mb"],
-        }
-    ours, naive, dense = (variants[v] for v in VARIANTS)
-    ratios = {
-        "naive_over_ours_time": naive["median_step_ms"] / ours["median_step_ms"],
-        "naive_over_ours_memory": naive["peak_mb"] / max(ours["peak_mb"], 1e-9),
-        "dense_over_ours_time": dense["median_step_ms"] / ours["median_step_ms"],
-        "dense_over_ours_memory": dense["peak_mb"] / max(ours["peak_mb"], 1e-9),
-    }
+        variants[variant] = {"ms_per_1k_tokens": median_ms / spec.tokens * 1e3, "median_step_ms": median_ms,
+                             "times_ms": times, "peak_mb": memory[variant]["peak_mb"]}
+    ours = variants["ours"]
+    ratios = {}
+    for ref in REFERENCES:
+        if ref in variants:
+            ratios[f"{ref}_over_ours_time"] = variants[ref]["median_step_ms"] / ours["median_step_ms"]
+            ratios[f"{ref}_over_ours_memory"] = variants[ref]["peak_mb"] / max(ours["peak_mb"], 1e-9)
+    distinct = timing["distinct_experts"]
+    floor_bytes = distinct * 2 * 2 * spec.d_model * 4  # u and v rows, read once and written once, fp32
+    floor_ms = floor_bytes / (bandwidth_gb_s * 1e9) * 1e3
     return {
-        "config": asdict(spec),
-        "variants": variants,
-        "ratios": ratios,
-        "agreement": timing["agreement"],
-        "memory_method": memory["ours"]["method"],
+        "config": asdict(spec), "variants": variants, "ratios": ratios, "agreement": timing["agreement"],
+        "memory_method": memory["ours"]["method"], "distinct_experts": distinct,
+        "floor": {"bytes": floor_bytes, "copy_gb_per_s": bandwidth_gb_s, "ms": floor_ms,
+                  "ours_over_floor": ours["median_step_ms"] / floor_ms},
     }
+
+
+def sweep_ratios(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Ours at the largest N over ours at the smallest: time per token and step working memory."""
+    if len(results) < 2:
+        return {}
+    first, last = results[0], results[-1]
+    return {"experts_from": first["config"]["experts"], "experts_to": last["config"]["experts"],
+            "time_ratio": last["variants"]["ours"]["median_step_ms"] / first["variants"]["ours"]["median_step_ms"],
+            "memory_ratio": last["variants"]["ours"]["peak_mb"] / max(first["variants"]["ours"]["peak_mb"], 1e-9)}
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """The printed report: one row per variant, then the ratios."""
+    """The printed report of one N: one row per variant, then the ratios and the floor."""
     c = results["config"]
+    n = c["experts"]
     lines = [
-        f"PEER layer fwd+bwd: N={c['experts']} h={c['heads']} k={c['topk']} d={c['d_model']} "
+        f"PEER layer fwd+bwd+update: N={n} ({math.isqrt(n)}^2) h={c['heads']} k={c['topk']} d={c['d_model']} "
         f"d_key={c['d_key']} tokens={c['tokens']} repeats={c['repeats']} threads={c['threads']} "
         f"kernel={c['kernel']} query_norm={c['query_norm']}",
-        f"{'variant':<8} {'ms/1k tok':>10} {'us/token':>9} {'step ms':>9} {'peak MB':>9}",
+        f"{'variant':<11} {'ms/1k tok':>10} {'step ms':>9} {'peak MB':>9}",
     ]
     for name, row in results["variants"].items():
-        lines.append(
-            f"{name:<8} {row['ms_per_1k_tokens']:>10.1f} {row['us_per_token']:>9.1f} "
-            f"{row['median_step_ms']:>9.1f} {row['peak_mb']:>9.1f}"
-        )
+        lines.append(f"{name:<11} {row['ms_per_1k_tokens']:>10.1f} {row['median_step_ms']:>9.1f} "
+                     f"{row['peak_mb']:>9.1f}")
     r = results["ratios"]
-    lines.append(
-        f"naive/ours: time {r['naive_over_ours_time']:.2f}x, memory {r['naive_over_ours_memory']:.2f}x   "
-        f"dense/ours: time {r['dense_over_ours_time']:.2f}x, memory {r['dense_over_ours_memory']:.2f}x"
-    )
-    worst = max(results["agreement"]["max_rel_err"].values())
-    lines.append(f"ours vs naive (outputs + all grads): max rel err {worst:.1e} -> {'OK' if results['agreement']['ok'] else 'MISMATCH'}")
-    lines.append(f"peak memory = {results['memory_method']} minus RSS before the step, one fresh process per variant")
+    parts = [f"{ref}/ours: time {r[f'{ref}_over_ours_time']:.2f}x, memory {r[f'{ref}_over_ours_memory']:.2f}x"
+             for ref in REFERENCES if f"{ref}_over_ours_time" in r]
+    if parts:
+        lines.append("   ".join(parts))
+        worst = max(results["agreement"]["max_rel_err"].values())
+        ok = "OK" if results["agreement"]["ok"] else "MISMATCH"
+        lines.append(f"ours vs naive (outputs + all grads, before updates): max rel err {worst:.1e} -> {ok}")
+    else:
+        lines.append("references skipped at this N (--reference-max-experts)")
+    f = results["floor"]
+    lines.append(f"floor: {results['distinct_experts']} distinct experts x 2 tables read + written once = "
+                 f"{f['bytes'] / 2**20:.0f} MiB at {f['copy_gb_per_s']:.1f} GB/s copy -> {f['ms']:.1f} ms; "
+                 f"ours/floor {f['ours_over_floor']:.2f}x")
+    lines.append(f"peak memory = {results['memory_method']} minus RSS before the step (tables and optimizer "
+                 "state excluded), one fresh process per variant")
     return "\n".join(lines)
+
+
+def format_sweep(sweep: dict[str, float]) -> str:
+    return (f"sweep: ours at N={sweep['experts_to']} vs N={sweep['experts_from']}: time per token "
+            f"{sweep['time_ratio']:.2f}x, step working memory {sweep['memory_ratio']:.2f}x")

@@ -8,7 +8,8 @@ What a checkpoint holds (``<step>/state/``):
     experts/<layer>.ep<k>.pt      the owner of expert shard k (one file per layer and EP
                                   rank, never one per expert): rows of every expert
                                   parameter of that layer with their GLOBAL expert ids,
-                                  plus their Adam moments
+                                  plus their Adam moments (and, for row-sparse tables,
+                                  every row's own Adam step count ``row_step``)
 
 Names are those of the unsharded model (``blocks.2.ffn.experts.u``), so a checkpoint
 written at one layout loads at any other: every rank takes the rows of its new shard
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from peer_dist.errors import CheckpointError
 from peer_dist.parallel.layout import ParallelLayout
+from peer_dist.train.engine import table_optimizer
 
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
 DENSE_FILE = "dense.pt"
@@ -82,6 +84,14 @@ def _full_value(p: Tensor, optimizer: Any, key: str | None) -> Tensor:
     return state[key].detach().float().cpu() if key in state else torch.zeros(p.shape)
 
 
+def _table_values(p: Tensor, tables: Any) -> dict[str, Tensor]:
+    """A row-sparse table's values (fp32 master under bf16), moments and per-row step counts."""
+    state = tables.state_for(p)
+    values = {"param": state.get("master", p).detach().float().cpu()}
+    values.update({k: state[k].detach().cpu() for k in ("exp_avg", "exp_avg_sq", "row_step")})
+    return values
+
+
 def _gather_tp(value: Tensor, dim: int, group: Any, tp: int) -> Tensor:
     parts = [torch.empty_like(value) for _ in range(tp)]
     dist.all_gather(parts, value.contiguous(), group=group)
@@ -129,14 +139,17 @@ def collect_portable(engine: Any, layout: ParallelLayout, tp_group: Any, copy: b
     them while training goes on; without copies fp32 CPU parameters would be shared).
     """
     rank = dist.get_rank()
-    model, optimizer = engine.module, engine.optimizer
+    model, optimizer, tables = engine.module, engine.optimizer, table_optimizer(engine)
     link_optimizer_states(optimizer)
     shardings = _expert_shardings(model)
     writes_experts = layout.tp_rank(rank) == 0 and layout.dp_index(rank) < layout.ep
     dense: dict[str, dict[str, Tensor]] = {}
     experts: dict[str, dict[str, dict[str, Tensor]]] = {}
     for name, p in model.named_parameters():
-        values = {"param": _full_value(p, optimizer, None), **{k: _full_value(p, optimizer, k) for k in OPT_KEYS}}
+        if tables is not None and tables.owns(p):
+            values = _table_values(p, tables)
+        else:
+            values = {"param": _full_value(p, optimizer, None), **{k: _full_value(p, optimizer, k) for k in OPT_KEYS}}
         if copy:
             values = {k: v.clone() for k, v in values.items()}
         canon = canonical_name(name)
@@ -187,6 +200,16 @@ def _set_value(p: Tensor, optimizer: Any, values: dict[str, Tensor], step_count:
             state[key] = values[key].to(device=p.device, dtype=p.dtype).clone()
 
 
+def _set_table_values(p: Tensor, tables: Any, values: dict[str, Tensor]) -> None:
+    state = tables.state_for(p)
+    with torch.no_grad():
+        p.data.copy_(values["param"].to(p.dtype))
+        if "master" in state:
+            state["master"].copy_(values["param"])
+        for key in ("exp_avg", "exp_avg_sq", "row_step"):
+            state[key].copy_(values[key])
+
+
 def _set_step_count(optimizer: Any, step_count: int) -> None:
     base = getattr(optimizer, "optimizer", optimizer)
     for state in base.state.values():
@@ -201,12 +224,12 @@ def _tp_slice(value: Tensor, dim: int, layout: ParallelLayout, rank: int) -> Ten
 def load_portable(folder: Path, engine: Any, layout: ParallelLayout) -> int:
     """Put the saved model and optimizer state into ``engine`` at THIS layout; returns Adam's step count."""
     rank = dist.get_rank()
-    model, optimizer = engine.module, engine.optimizer
+    model, optimizer, tables = engine.module, engine.optimizer, table_optimizer(engine)
     saved = torch.load(folder / DENSE_FILE, map_location="cpu", weights_only=False)
     step_count = saved["step_count"]
     link_optimizer_states(optimizer)
     shardings = _expert_shardings(model)
-    expert_values = _assemble_expert_rows(folder, model, shardings)
+    expert_values = _assemble_expert_rows(folder, model, shardings, step_count)
     for name, p in model.named_parameters():
         canon = canonical_name(name)
         if id(p) in shardings:
@@ -221,7 +244,10 @@ def load_portable(folder: Path, engine: Any, layout: ParallelLayout) -> int:
         if values["param"].shape != p.shape:
             raise CheckpointError(f"checkpoint {folder.parent}: {canon} has shape {tuple(values['param'].shape)}, "
                                   f"this model {tuple(p.shape)}")
-        _set_value(p, optimizer, values, step_count)
+        if tables is not None and tables.owns(p):
+            _set_table_values(p, tables, values)
+        else:
+            _set_value(p, optimizer, values, step_count)
     _set_step_count(optimizer, step_count)
     with torch.no_grad():
         for name, buf in model.named_buffers():
@@ -231,8 +257,14 @@ def load_portable(folder: Path, engine: Any, layout: ParallelLayout) -> int:
     return step_count
 
 
-def _assemble_expert_rows(folder: Path, model: nn.Module, shardings: dict[int, Any]) -> dict[str, dict[str, Tensor]]:
-    """For every local expert parameter, its rows (and moments) by global id from the saved shard files."""
+def _assemble_expert_rows(folder: Path, model: nn.Module, shardings: dict[int, Any],
+                          step_count: int) -> dict[str, dict[str, Tensor]]:
+    """For every local expert parameter, its rows (and moments) by global id from the saved shard files.
+
+    ``row_step`` (per-row Adam step counts of row-sparse tables) is read where saved; a
+    checkpoint written with dense table updates gives every row with a non-zero second
+    moment the dense step count ``step_count`` and the others 0.
+    """
     named = {canonical_name(n): p for n, p in model.named_parameters() if id(p) in shardings}
     by_layer: dict[str, list[str]] = {}
     for canon in named:
@@ -249,13 +281,16 @@ def _assemble_expert_rows(folder: Path, model: nn.Module, shardings: dict[int, A
         for canon in canons:
             p = named[canon]
             out[canon] = {k: torch.zeros(p.shape) for k in ("param", *OPT_KEYS)}
+            out[canon]["row_step"] = torch.zeros(p.shape[0], dtype=torch.int64)
         for f in files:  # one saved shard in memory at a time
             saved = torch.load(f, map_location="cpu", weights_only=False)
             for canon in canons:
                 entry = saved[canon.rpartition(".")[2]]
+                if "row_step" not in entry:  # saved with dense table updates
+                    entry["row_step"] = torch.where(entry["exp_avg_sq"].ne(0).any(1), step_count, 0)
                 target = local_of[entry["rows"]]
                 mine = target >= 0
-                for key in ("param", *OPT_KEYS):
+                for key in ("param", *OPT_KEYS, "row_step"):
                     out[canon][key][target[mine]] = entry[key][mine]
                 filled[target[mine]] = True
             del saved

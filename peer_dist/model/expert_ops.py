@@ -20,9 +20,13 @@ in forward and again in backward. Everything here streams the rows instead:
 - gather-dot is its adjoint with respect to the per-sample weights; ATen has a
   fused kernel for it (the private ``_embedding_bag_per_sample_weights_backward``,
   used by EmbeddingBag's own backward), with a chunked gather + dot fallback.
-- table gradients are segment sums over the pairs sorted by expert: for expert e,
-  grad[e] = sum over pairs p with id e of w_p * rows[token_p]. That is again an
-  ``embedding_bag`` (bags = experts, table = the (T, D) rows), accumulated in fp32.
+- table gradients are segment sums over the pairs grouped by expert: for each
+  DISTINCT expert e, grad[e] = sum over pairs p with id e of w_p * rows[token_p].
+  That is again an ``embedding_bag`` (bags = the distinct experts, table = the
+  (T, D) rows), accumulated in fp32, one output row per distinct expert. A table
+  with a :class:`RowGrad` sink gets exactly these rows (row-sparse gradients:
+  O(U * D) per call, U distinct experts, never O(N * D)); otherwise they are
+  scattered into a dense (N, D) gradient.
 
 The two autograd Functions below are adjoint to each other: the backward of
 each is built from the forward kernels of both.
@@ -54,12 +58,15 @@ def fused_kernel_available() -> bool:
 
 @dataclass(frozen=True)
 class ExpertRouting:
-    """Which expert each (row, slot) reads, plus the expert-sorted order.
+    """Which expert each (row, slot) reads, and the slots grouped by expert.
 
-    Built once per forward (no grad) and shared by the u and v sides and their
-    backwards. Visiting slots in expert order makes consecutive slots reuse the
-    same table row (cache hits instead of DRAM reads) and turns the table
-    gradients into contiguous segment sums.
+    Built once per layer call (no grad) and shared by the u and v sides, their
+    backwards and the row-sparse table gradients. Grouping is one stable argsort
+    of the slot ids (a radix sort on CPU) plus one pass over the sorted ids: its
+    cost is O(S) whatever the number of experts N, and nothing of size N is ever
+    allocated. Visiting slots in expert order reads each distinct table row once
+    for all its slots (consecutive slots reuse the same row), and the table
+    gradients become contiguous segment sums, one output row per distinct expert.
     """
 
     ids_S: Tensor  # (S,) int64 expert ids (rows of the table), grouped by row
@@ -67,7 +74,9 @@ class ExpertRouting:
     sorted_ids_P: Tensor  # (P,) ids in ascending order
     slot_P: Tensor  # (P,) slot index of each sorted entry
     row_P: Tensor  # (P,) row of each sorted entry
-    bag_start_N: Tensor  # (N,) first sorted position of each expert (empty bags allowed)
+    experts_U: Tensor  # (U,) the distinct ids, ascending
+    group_start_U: Tensor  # (U,) first sorted position of each distinct id
+    num_experts: int  # N, rows of the table the ids index
 
     @classmethod
     def build(cls, ids_TJ: Tensor, num_experts: int) -> ExpertRouting:
@@ -77,10 +86,10 @@ class ExpertRouting:
         num_rows, num_slots = ids_TJ.shape
         with torch.no_grad():
             ids_S = ids_TJ.reshape(-1)
-            sorted_ids_P, slot_P = torch.sort(ids_S)
+            slot_P = torch.argsort(ids_S, stable=True)
             row_P = torch.div(slot_P, max(num_slots, 1), rounding_mode="floor")
             offsets_T = torch.arange(num_rows, device=ids_TJ.device, dtype=torch.int64) * num_slots
-        return cls._with_bags(ids_S, offsets_T, sorted_ids_P, slot_P, row_P, num_experts)
+        return cls._grouped(ids_S, offsets_T, slot_P, row_P, num_experts)
 
     @classmethod
     def build_ragged(cls, ids_S: Tensor, row_S: Tensor, num_rows: int, num_experts: int) -> ExpertRouting:
@@ -88,22 +97,19 @@ class ExpertRouting:
         with torch.no_grad():
             rows_T = torch.arange(num_rows, device=ids_S.device, dtype=torch.int64)
             offsets_T = torch.searchsorted(row_S, rows_T)
-            sorted_ids_P, slot_P = torch.sort(ids_S)
+            slot_P = torch.argsort(ids_S, stable=True)
             row_P = row_S.index_select(0, slot_P)
-        return cls._with_bags(ids_S, offsets_T, sorted_ids_P, slot_P, row_P, num_experts)
+        return cls._grouped(ids_S, offsets_T, slot_P, row_P, num_experts)
 
     @classmethod
-    def _with_bags(cls, ids_S: Tensor, offsets_T: Tensor, sorted_ids_P: Tensor, slot_P: Tensor, row_P: Tensor,
-                   num_experts: int) -> ExpertRouting:
+    def _grouped(cls, ids_S: Tensor, offsets_T: Tensor, slot_P: Tensor, row_P: Tensor,
+                 num_experts: int) -> ExpertRouting:
         with torch.no_grad():
-            # searchsorted, not bincount+cumsum: bincount syncs with the host on CUDA.
-            experts_N = torch.arange(num_experts, device=ids_S.device, dtype=torch.int64)
-            bag_start_N = torch.searchsorted(sorted_ids_P, experts_N)
-        return cls(ids_S, offsets_T, sorted_ids_P, slot_P, row_P, bag_start_N)
-
-    @property
-    def num_experts(self) -> int:
-        return self.bag_start_N.shape[0]
+            # torch.sort(ids) is ~20x slower on CPU than this stable argsort + gather (radix path).
+            sorted_ids_P = ids_S.index_select(0, slot_P)
+            experts_U, counts_U = torch.unique_consecutive(sorted_ids_P, return_counts=True)
+            group_start_U = torch.cumsum(counts_U, 0) - counts_U
+        return cls(ids_S, offsets_T, sorted_ids_P, slot_P, row_P, experts_U, group_start_U, num_experts)
 
     @property
     def num_rows(self) -> int:
@@ -112,6 +118,49 @@ class ExpertRouting:
     @property
     def num_slots(self) -> int:
         return self.ids_S.shape[0]
+
+    def expert_bounds(self) -> list[int]:
+        """Sorted-position bounds of every expert 0..N (N + 1 ints; for small N, e.g. MoE experts).
+
+        NOTE: host sync: the bounds become Python ints.
+        """
+        experts_N = torch.arange(self.num_experts + 1, device=self.ids_S.device, dtype=torch.int64)
+        return torch.searchsorted(self.sorted_ids_P, experts_N).tolist()
+
+
+class RowGrad:
+    """Row-sparse gradient of a table: (distinct row ids, their gradient rows), accumulated.
+
+    A table parameter that carries one (attribute ``row_grad``) gets its gradient here
+    instead of in ``.grad``: the backward of the expert ops adds one (U, D) block per
+    layer call, never an (N, D) tensor. Rows are fp32 (or the table's dtype when that
+    is wider). :meth:`coalesced` sums blocks that share ids (several micro-steps or
+    several calls of one table).
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[Tensor, Tensor]] = []
+
+    def add(self, ids_U: Tensor, rows_UD: Tensor) -> None:
+        self.parts.append((ids_U, rows_UD))
+
+    def clear(self) -> None:
+        self.parts = []
+
+    def coalesced(self) -> tuple[Tensor, Tensor] | None:
+        """(ids (U,) ascending and distinct, rows (U, D)), or None when nothing was added."""
+        if not self.parts:
+            return None
+        if len(self.parts) == 1:
+            return self.parts[0]
+        return coalesce_rows(torch.cat([i for i, _ in self.parts]), torch.cat([r for _, r in self.parts]))
+
+
+def coalesce_rows(ids_M: Tensor, rows_MD: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum rows with equal ids: (ids (U,) ascending and distinct, rows (U, D))."""
+    ids_U, inverse_M = torch.unique(ids_M, sorted=True, return_inverse=True)
+    out_UD = rows_MD.new_zeros(ids_U.shape[0], rows_MD.shape[1])
+    return ids_U, out_UD.index_add_(0, inverse_M, rows_MD)
 
 
 def _unsort(values_P: Tensor, routing: ExpertRouting) -> Tensor:
@@ -165,19 +214,43 @@ def bag_sum(weights_S: Tensor, table_ND: Tensor, routing: ExpertRouting) -> Tens
     return F.embedding_bag(routing.ids_S, table_ND, routing.offsets_T, per_sample_weights=weights_S, mode="sum")
 
 
-def segment_sum(rows_TD: Tensor, weights_S: Tensor, routing: ExpertRouting, out_dtype: torch.dtype) -> Tensor:
-    """Table gradient: out[e] = sum over slots s with ids[s] == e of weights[s] * rows[row of s].
+def grouped_segment_sum(rows_TD: Tensor, weights_S: Tensor, routing: ExpertRouting) -> Tensor:
+    """Table gradient rows of the distinct experts, (U, D) in ``routing.experts_U`` order:
 
-    Shape (N, D); rows of experts nobody retrieved are zero. Accumulates in at
-    least fp32 (bf16 grads summed over thousands of slots would lose most bits),
-    then casts to ``out_dtype``.
+        out[u] = sum over slots s with ids[s] == experts_U[u] of weights[s] * rows[row of s].
+
+    Accumulates in at least fp32 (bf16 grads summed over thousands of slots would
+    lose most bits) and returns that dtype. One output row per distinct expert,
+    written once (no atomics): deterministic.
     """
     acc_dtype = torch.promote_types(rows_TD.dtype, torch.float32)
-    weights_P = weights_S.reshape(-1)[routing.slot_P].to(acc_dtype)
-    out_ND = F.embedding_bag(
-        routing.row_P, rows_TD.to(acc_dtype), routing.bag_start_N, per_sample_weights=weights_P, mode="sum"
-    )
-    return out_ND.to(out_dtype)
+    weights_P = weights_S.reshape(-1).index_select(0, routing.slot_P).to(acc_dtype)
+    return F.embedding_bag(routing.row_P, rows_TD.to(acc_dtype), routing.group_start_U,
+                           per_sample_weights=weights_P, mode="sum")
+
+
+def segment_sum(rows_TD: Tensor, weights_S: Tensor, routing: ExpertRouting, out_dtype: torch.dtype) -> Tensor:
+    """Dense table gradient (N, D): :func:`grouped_segment_sum` scattered into zeros.
+
+    O(N * D): for small tables (product sub-keys) and the dense expert update only.
+    """
+    return _scatter_rows(grouped_segment_sum(rows_TD, weights_S, routing), routing, out_dtype)
+
+
+def _scatter_rows(grouped_UD: Tensor, routing: ExpertRouting, out_dtype: torch.dtype) -> Tensor:
+    out_ND = grouped_UD.new_zeros(routing.num_experts, grouped_UD.shape[1])
+    return out_ND.index_copy_(0, routing.experts_U, grouped_UD).to(out_dtype)
+
+
+def _table_grad(rows_TD: Tensor, weights_S: Tensor, routing: ExpertRouting, table_ND: Tensor,
+                sink: RowGrad | None, dense: bool) -> Tensor | None:
+    """The table's gradient: row-sparse into ``sink`` when the table has one, dense (N, D) if ``dense``."""
+    if sink is None and not dense:
+        return None
+    grouped_UD = grouped_segment_sum(rows_TD, weights_S, routing)
+    if sink is not None:
+        sink.add(routing.experts_U, grouped_UD)
+    return _scatter_rows(grouped_UD, routing, table_ND.dtype) if dense else None
 
 
 class ExpertDot(torch.autograd.Function):
@@ -185,12 +258,16 @@ class ExpertDot(torch.autograd.Function):
 
     grad_x[t]  = sum over slots s of row t of gz[s] * table[ids[s]]   (bag-sum)
     grad_table = segment sums of gz * x[row] per expert                (fp32 accumulation)
+
+    ``sink``: the table's :class:`RowGrad`; the table gradient goes there as rows
+    of the distinct experts (the table then needs no ``requires_grad``).
     """
 
     @staticmethod
-    def forward(ctx: Any, x_TD: Tensor, table_ND: Tensor, routing: ExpertRouting, kernel: str, chunk_size: int) -> Tensor:
+    def forward(ctx: Any, x_TD: Tensor, table_ND: Tensor, routing: ExpertRouting, kernel: str, chunk_size: int,
+                sink: RowGrad | None = None) -> Tensor:
         ctx.save_for_backward(x_TD, table_ND)
-        ctx.routing = routing
+        ctx.routing, ctx.sink = routing, sink
         return gather_dot(x_TD, table_ND, routing, kernel, chunk_size)
 
     @staticmethod
@@ -199,8 +276,8 @@ class ExpertDot(torch.autograd.Function):
         routing: ExpertRouting = ctx.routing
         grad_z_S = grad_z_S.contiguous()
         grad_x = bag_sum(grad_z_S, table_ND, routing) if ctx.needs_input_grad[0] else None
-        grad_table = segment_sum(x_TD, grad_z_S, routing, table_ND.dtype) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_table, None, None, None
+        grad_table = _table_grad(x_TD, grad_z_S, routing, table_ND, ctx.sink, ctx.needs_input_grad[1])
+        return grad_x, grad_table, None, None, None, None
 
 
 class ExpertBagSum(torch.autograd.Function):
@@ -214,9 +291,10 @@ class ExpertBagSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, w_S: Tensor, table_ND: Tensor, routing: ExpertRouting, kernel: str, chunk_size: int) -> Tensor:
+    def forward(ctx: Any, w_S: Tensor, table_ND: Tensor, routing: ExpertRouting, kernel: str, chunk_size: int,
+                sink: RowGrad | None = None) -> Tensor:
         ctx.save_for_backward(w_S, table_ND)
-        ctx.routing = routing
+        ctx.routing, ctx.sink = routing, sink
         ctx.kernel, ctx.chunk_size = kernel, chunk_size
         return bag_sum(w_S, table_ND, routing)
 
@@ -228,8 +306,8 @@ class ExpertBagSum(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[0]:
             grad_w = gather_dot(grad_y_TD, table_ND, routing, ctx.kernel, ctx.chunk_size)
-        grad_table = segment_sum(grad_y_TD, w_S, routing, table_ND.dtype) if ctx.needs_input_grad[1] else None
-        return grad_w, grad_table, None, None, None
+        grad_table = _table_grad(grad_y_TD, w_S, routing, table_ND, ctx.sink, ctx.needs_input_grad[1])
+        return grad_w, grad_table, None, None, None, None
 
 
 def expert_mix(
@@ -247,9 +325,14 @@ def expert_mix(
     Extra memory is O(S) scalars (z, gates, sort order), never O(S * D).
     """
     _check_expert_inputs(x_TD, gates_S, routing, expert_u, expert_v)
-    z_S = ExpertDot.apply(x_TD.contiguous(), expert_u, routing, kernel, chunk_size)
+    z_S = ExpertDot.apply(x_TD.contiguous(), expert_u, routing, kernel, chunk_size, row_grad_of(expert_u))
     act_S = F.gelu(z_S) if activation == "gelu" else F.relu(z_S)
-    return ExpertBagSum.apply(gates_S * act_S, expert_v, routing, kernel, chunk_size)
+    return ExpertBagSum.apply(gates_S * act_S, expert_v, routing, kernel, chunk_size, row_grad_of(expert_v))
+
+
+def row_grad_of(table: Tensor) -> RowGrad | None:
+    """The table's row-sparse gradient sink, when grad mode is on and the table has one."""
+    return getattr(table, "row_grad", None) if torch.is_grad_enabled() else None
 
 
 def _check_expert_inputs(x_TD: Tensor, gates_S: Tensor, routing: ExpertRouting, u_ND: Tensor, v_ND: Tensor) -> None:

@@ -31,9 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from peer_dist.errors import ConfigError
-import torch.nn.functional as F
-
-from peer_dist.model.expert_ops import DEFAULT_CHUNK_SIZE, ExpertRouting, bag_sum, expert_mix
+from peer_dist.model.expert_ops import DEFAULT_CHUNK_SIZE, ExpertBagSum, ExpertRouting, expert_mix, row_grad_of
 
 OWNER_LAYOUTS = ("permuted", "contiguous")
 PERMUTE_MULTIPLIER = 2_654_435_761  # prime (Knuth's multiplicative hash constant)
@@ -116,6 +114,8 @@ class ExpertTables(nn.Module):
     calls :meth:`compute` on the rows it received.
     """
 
+    row_indexed = True  # a step touches few rows: the gradients can be row-sparse (peer_dist.train.sparse_tables)
+
     def __init__(self, sharding: ExpertSharding, d_model: int, activation: str, kernel: str = "auto",
                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         super().__init__()
@@ -156,6 +156,7 @@ class ValueTable(nn.Module):
     """
 
     needs_rows = False
+    row_indexed = True  # see ExpertTables
 
     def __init__(self, sharding: ExpertSharding, d_model: int) -> None:
         super().__init__()
@@ -176,11 +177,16 @@ class ValueTable(nn.Module):
         """All rows local: y[t] = sum_j weights[t, j] * value[ids[t, j]], (T, D)."""
         if self.sharding.ep_size != 1:
             raise RuntimeError("this value table is a shard: run the layer through the expert-parallel dispatch")
-        return F.embedding_bag(ids_TJ, self.weight, per_sample_weights=weights_TJ.to(self.weight.dtype), mode="sum")
+        routing = ExpertRouting.build(ids_TJ, self.sharding.num_experts)
+        return self.compute(x_TD, weights_TJ.reshape(-1), routing)
 
     def compute(self, rows_RD: Tensor, weights_S: Tensor, routing: ExpertRouting) -> Tensor:
-        """Weighted sum of local rows per received (token, source) pair, (R, D)."""
-        return bag_sum(weights_S.to(self.weight.dtype), self.weight, routing)
+        """Weighted sum of local rows per (token) row or received (token, source) pair, (R, D).
+
+        The value table's gradient is row-sparse when the table carries a ``row_grad`` sink.
+        """
+        return ExpertBagSum.apply(weights_S.to(self.weight.dtype), self.weight, routing, "auto", DEFAULT_CHUNK_SIZE,
+                                  row_grad_of(self.weight))
 
     def extra_repr(self) -> str:
         s = self.sharding

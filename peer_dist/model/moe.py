@@ -68,8 +68,7 @@ class MoEExperts(nn.Module):
 
     def compute(self, x_RD: Tensor, gates_S: Tensor, routing: ExpertRouting) -> Tensor:
         """Rows grouped by local expert (the routing's sort), one batched MLP per expert, (R, D)."""
-        # NOTE: host sync: per-expert segment bounds become Python slice indices.
-        bounds = torch.cat([routing.bag_start_N, routing.bag_start_N.new_tensor([routing.num_slots])]).tolist()
+        bounds = routing.expert_bounds()  # NOTE: host sync: per-expert segment bounds become slice indices
         rows, outs = [], []
         for e in range(routing.num_experts):
             lo, hi = bounds[e], bounds[e + 1]

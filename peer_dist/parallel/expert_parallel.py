@@ -278,18 +278,23 @@ class DispatchStats:
             + (pairs + slots) * _INT_BYTES + 2 * num_ranks * 8
 
 
-def make_parallel_experts(experts: nn.Module, layout: ParallelLayout, rank: int) -> nn.Module:
+def make_parallel_experts(experts: nn.Module, layout: ParallelLayout, rank: int,
+                          deepspeed_experts: bool = True) -> nn.Module:
     """Wrap a layer's local expert shard (``ExpertTables`` or MoE experts) for expert parallelism.
 
-    The wrapper is an instance of ``deepspeed.moe.layer.MoE`` (its __init__ is NOT
-    called): DeepSpeed treats parameters as expert parameters - reduced only over the
-    expert-data-parallel group, partitioned by ZeRO over that group, saved one file
-    per EP rank - only when the owning module is such an instance. The shard lives at
-    ``deepspeed_moe.experts.deepspeed_experts.0`` where DeepSpeed's checkpoint code
-    looks for it. This relies on private DeepSpeed behaviour of the pinned version;
-    tests/test_deepspeed_contract.py fails loudly if an upgrade changes it.
+    ``deepspeed_experts``: the wrapper is an instance of ``deepspeed.moe.layer.MoE`` (its
+    __init__ is NOT called): DeepSpeed treats parameters as expert parameters - reduced
+    only over the expert-data-parallel group, partitioned by ZeRO over that group - only
+    when the owning module is such an instance. Otherwise (row-sparse tables, which
+    DeepSpeed's optimizer never sees) it is a plain module and :func:`create_expert_groups`
+    creates the groups. Either way the parameters are marked as expert parameters, so
+    DeepSpeed's initial broadcast copies a shard only within its expert-data-parallel
+    group. The shard lives at ``deepspeed_moe.experts.deepspeed_experts.0`` (the path
+    checkpoints drop, see peer_dist.checkpoint.portable.canonical_name). This relies on
+    private DeepSpeed behaviour of the pinned version; tests/test_deepspeed_contract.py
+    fails loudly if an upgrade changes it.
     """
-    base = _deepspeed_moe_base()
+    base = _deepspeed_moe_base() if deepspeed_experts else nn.Module
 
     class ParallelExperts(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -316,7 +321,8 @@ def make_parallel_experts(experts: nn.Module, layout: ParallelLayout, rank: int)
             return self.deepspeed_moe.experts.deepspeed_experts[0]
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-            """Called by the DeepSpeed engine at initialisation: create (once) and check the groups."""
+            """Create (once) and check the groups: called by the DeepSpeed engine at initialisation
+            for MoE instances, by :func:`create_expert_groups` for the others."""
             from deepspeed.utils import groups
 
             if use_data_before_expert_parallel_:
@@ -377,12 +383,16 @@ def _compute(tables: nn.Module, rows_RD: Tensor, gates_S: Tensor, received: _Rec
     return tables.compute(rows_RD, gates_S, routing)
 
 
-def parallelize_experts(model: nn.Module, layout: ParallelLayout, rank: int) -> int:
+def parallelize_experts(model: nn.Module, layout: ParallelLayout, rank: int, row_sparse_tables: bool) -> int:
     """Give every expert layer of ``model`` the expert-parallel dispatch; returns how many.
 
     The layers must already hold only this rank's shard (build the model with
     ``ExpertPlacement(layout.ep, layout.ep_rank(rank))``). Call before
-    ``deepspeed.initialize``: the engine recognises the wrappers and creates the groups.
+    ``deepspeed.initialize``: the engine recognises the DeepSpeed MoE wrappers and creates
+    the groups (:func:`create_expert_groups` does it for the others).
+    ``row_sparse_tables``: PEER tables and PKM values get row-sparse gradients outside
+    DeepSpeed (train.expert_update = "sparse"): their wrappers are no DeepSpeed MoE layers.
+    MoE experts always are.
     """
     if layout.ep == 1:
         return 0
@@ -396,9 +406,18 @@ def parallelize_experts(model: nn.Module, layout: ParallelLayout, rank: int) -> 
             if sharding.ep_size != layout.ep or sharding.ep_rank != layout.ep_rank(rank):
                 raise RuntimeError(f"{type(module).__name__} holds shard {sharding.ep_rank}/{sharding.ep_size}, "
                                    f"the layout gives rank {rank} shard {layout.ep_rank(rank)}/{layout.ep}")
-            setattr(module, attr, make_parallel_experts(tables, layout, rank))
+            sparse = row_sparse_tables and getattr(tables, "row_indexed", False)  # not MoE experts
+            setattr(module, attr, make_parallel_experts(tables, layout, rank, deepspeed_experts=not sparse))
             count += 1
     return count
+
+
+def create_expert_groups(model: nn.Module) -> None:
+    """Create the expert groups for wrappers that are no DeepSpeed MoE layers (call before the engine)."""
+    base = _deepspeed_moe_base()
+    for _, wrapper in dispatch_layers(model):
+        if not isinstance(wrapper, base):
+            wrapper.set_deepspeed_parallelism()
 
 
 def dispatch_layers(model: nn.Module) -> list[tuple[str, Any]]:

@@ -17,7 +17,8 @@ from peer_dist.model.peer import PEER
 from peer_dist.model.pkm import PKM
 from peer_dist.model.retrieval import ProductKeyLayer
 from peer_dist.parallel.layout import ParallelLayout
-from peer_dist.train.optim import LazyRowAdamW
+from peer_dist.train.optim import GuardedAdamW
+from peer_dist.train.sparse_tables import SparseTableAdamW, TableSpec
 
 # AutoTP partition plan for our transformer (explicit: AutoTP's heuristics need HF models).
 # Column-parallel: q/k/v projections and the dense MLP input (and gate); row-parallel
@@ -58,8 +59,13 @@ def clips_manually(train: TrainConfig) -> bool:
     return train.zero_stage == 0 and train.precision == "fp32"
 
 
-def clip_gradients(model: nn.Module, max_norm: float, ep_group: Any = None, tp_group: Any = None) -> torch.Tensor:
+def clip_gradients(model: nn.Module, max_norm: float, ep_group: Any = None, tp_group: Any = None,
+                   extra_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Global L2 grad norm over all parameters; clipped to ``max_norm`` (0: measure only).
+
+    ``extra_sq``: the squared norm of gradients that live outside ``.grad`` (row-sparse
+    tables, already summed over every rank); it counts in the norm, and the caller scales
+    those gradients by the same factor (:func:`~peer_dist.train.sparse_tables.clip_scale`).
 
     Called after the last micro-step's backward (gradients already averaged over
     data-parallel ranks by DeepSpeed) and before the optimizer step. Sharded
@@ -85,7 +91,7 @@ def clip_gradients(model: nn.Module, max_norm: float, ep_group: Any = None, tp_g
     for kind, group in (("tp", tp_group), ("expert", ep_group)):
         if group is not None:
             dist.all_reduce(sq[kind], group=group)
-    norm = sum(sq.values()).sqrt()
+    norm = (sum(sq.values()) + (extra_sq if extra_sq is not None else 0.0)).sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0).float()
         for grads in kinds.values():
@@ -94,8 +100,7 @@ def clip_gradients(model: nn.Module, max_norm: float, ep_group: Any = None, tp_g
     return norm.float()
 
 
-def param_groups(model: nn.Module, weight_decay: float, lazy_tables: bool = False,
-                 table_lr: float | None = None) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, table_lr: float | None = None) -> list[dict[str, Any]]:
     """AdamW groups: decay on matrices, none on vectors (norms), product keys and tables.
 
     ``table_lr`` is the tables' own peak learning rate (train.lr * train.table_lr_scale; the
@@ -103,8 +108,8 @@ def param_groups(model: nn.Module, weight_decay: float, lazy_tables: bool = Fals
     values at a higher rate than the dense weights: a row gets a gradient only from the few
     tokens that retrieve it.
 
-    ``lazy_tables`` gives the tables (PEER experts, PKM values) the lazy row update of
-    :class:`~peer_dist.train.optim.LazyRowAdamW` (train.expert_update = "lazy").
+    Tables with row-sparse gradients (train.expert_update = "sparse") have
+    ``requires_grad=False`` and their own optimizer: they are in no group here.
 
     PEER expert tables and product keys are not decayed: a row is only retrieved by a
     few tokens per step while decoupled decay would shrink every row every step, so
@@ -123,7 +128,7 @@ def param_groups(model: nn.Module, weight_decay: float, lazy_tables: bool = Fals
             (no_decay if p.ndim < 2 or id(p) in keys else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-              {"params": table, "weight_decay": 0.0, "name": "tables", "lazy_rows": lazy_tables}]
+              {"params": table, "weight_decay": 0.0, "name": "tables"}]
     if table_lr is not None:
         groups[2]["lr"] = table_lr
     return [g for g in groups if g["params"]]
@@ -163,12 +168,20 @@ def build_engine(model: nn.Module, cfg: Config, layout: ParallelLayout) -> Any:
     gradient of the mean loss over the whole global batch (every micro-batch has the
     same token count). Expert shards are summed over their expert-data-parallel group
     and divided by the same ``layout.dp`` (see peer_dist/parallel/expert_parallel.py).
+
+    With train.expert_update = "sparse" (default) the expert tables stay out of
+    DeepSpeed: ``engine.table_optimizer`` (:class:`SparseTableAdamW`) reduces and updates
+    their row-sparse gradients, and DeepSpeed's gradient norm includes theirs.
     """
     import deepspeed
 
     t = cfg.train
-    groups = param_groups(model, t.weight_decay, lazy_tables=t.expert_update == "lazy",
-                          table_lr=t.lr * t.table_lr_scale)
+    tables = None
+    if t.expert_update == "sparse" and table_parameters(model):
+        tables = SparseTableAdamW([TableSpec(p) for p in table_parameters(model)], lr=t.lr * t.table_lr_scale,
+                                  betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=0.0,
+                                  grad_divisor=layout.dp, lr_factor=lr_lambda(t))
+    groups = param_groups(model, t.weight_decay, table_lr=t.lr * t.table_lr_scale)
     if layout.ep > 1:
         # DeepSpeed's MoE optimizer groups: expert params get their own groups ('moe': True)
         # that ZeRO partitions over the expert-data-parallel group only.
@@ -178,7 +191,7 @@ def build_engine(model: nn.Module, cfg: Config, layout: ParallelLayout) -> Any:
         # A group whose params all moved into MoE groups stays behind empty; DeepSpeed drops
         # empty groups later, which would leave the lr scheduler with one lr too many.
         groups = [g for g in groups if g["params"]]
-    optimizer = LazyRowAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    optimizer = GuardedAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
     mpu = None
     if layout.tp > 1:
@@ -190,11 +203,78 @@ def build_engine(model: nn.Module, cfg: Config, layout: ParallelLayout) -> Any:
         mpu = ds_groups
     if layout.ep > 1 and layout.tp > 1:
         _count_expert_norms_on_every_lane(model)
+    if layout.ep > 1:
+        from peer_dist.parallel.expert_parallel import create_expert_groups
+
+        create_expert_groups(model)  # wrappers of row-sparse tables are no DeepSpeed MoE layers
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
         config=deepspeed_config(t, layout.dp, layout.tp),
     )
+    engine.table_optimizer = tables
+    if tables is not None:
+        _set_table_groups(tables, layout)
+        if not clips_manually(t):
+            include_table_norm(engine.optimizer, tables)
     return engine
+
+
+def table_optimizer(engine: Any) -> SparseTableAdamW | None:
+    """The engine's row-sparse table optimizer (None with train.expert_update = "dense")."""
+    return getattr(engine, "table_optimizer", None)
+
+
+def _set_table_groups(tables: SparseTableAdamW, layout: ParallelLayout) -> None:
+    """Replica and shard groups of the tables, from DeepSpeed's groups (created by now).
+
+    Without EP the replicas are the data-parallel group (TP lanes hold identical copies
+    and identical gradients: each counted once). With EP the replicas of a shard are its
+    expert-data-parallel group, and the shards of a table form the EP group.
+    """
+    from deepspeed.utils import groups
+
+    if layout.ep > 1:
+        name = f"ep_size_{layout.ep}"
+        replica, shard = groups._get_expert_data_parallel_group(name), groups._get_expert_parallel_group(name)
+    else:
+        replica, shard = (groups._get_data_parallel_group() if layout.dp > 1 else None), None
+    for spec in tables.tables:
+        spec.replica_group, spec.shard_group = replica, shard
+
+
+def include_table_norm(optimizer: Any, tables: SparseTableAdamW) -> None:
+    """Make DeepSpeed's global gradient norm (clipping, overflow check, reported norm) include the tables'.
+
+    The trainer stores the tables' squared norm (summed over all ranks, identical
+    everywhere) in ``tables.pending_sq_norm`` before ``engine.step()``. Wraps private
+    methods of the pinned DeepSpeed (tests/test_deepspeed_contract.py checks them):
+    ZeRO 1/2's ``scaled_global_norm`` and, for bf16 at ZeRO 0 (DeepSpeed's unfused
+    fp16/bf16 optimizer), ``unscale_and_clip_grads``.
+    """
+    if hasattr(optimizer, "scaled_global_norm"):  # ZeRO 1/2: returns norm * loss_scale
+        original_norm = optimizer.scaled_global_norm
+
+        def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
+            norm = original_norm(norm_type)
+            if float(norm) < 0:  # DeepSpeed's sentinel for an invalid (NaN/Inf) norm
+                return norm
+            extra = tables.pending_sq_norm.to(norm.device, torch.float64) * float(optimizer.loss_scale) ** 2
+            return (norm.double().square() + extra).sqrt().to(norm.dtype)
+
+        optimizer.scaled_global_norm = scaled_global_norm
+    elif hasattr(optimizer, "unscale_and_clip_grads") and hasattr(optimizer, "loss_scale_config"):  # bf16, ZeRO 0
+        original_clip = optimizer.unscale_and_clip_grads
+
+        def unscale_and_clip_grads(total_norm: Any, apply_scale: bool = True) -> Any:
+            scale = float(optimizer.loss_scale_config.cur_scale)  # it hands over the loss-scaled norm
+            total = math.sqrt(float(total_norm) ** 2 + float(tables.pending_sq_norm) * scale**2)
+            optimizer._global_grad_norm = total
+            return original_clip(total, apply_scale)
+
+        optimizer.unscale_and_clip_grads = unscale_and_clip_grads
+    else:
+        raise RuntimeError(f"cannot add the expert tables' gradient norm to {type(optimizer).__name__}'s; "
+                           "use train.expert_update='dense'")
 
 
 def _count_expert_norms_on_every_lane(model: nn.Module) -> None:

@@ -88,7 +88,7 @@ class StepGuard:
     # ------------------------------------------------------------------ decision
 
     def check(self, loss: torch.Tensor | float, group: dist.ProcessGroup | None = None, *,
-              step: int | None = None) -> bool:
+              step: int | None = None, grads_finite: bool = True) -> bool:
         """Whether this step is bad on any rank of ``group``; the same answer on every rank.
 
         ``loss``: this rank's (detached) loss of the step, a scalar (for grad_accum > 1 the
@@ -97,12 +97,16 @@ class StepGuard:
         None is the default group. ``step``: the step's number (see the module
         docstring), needed for :attr:`bad_window`. A collective: every rank of ``group``
         calls it at the same point of every step. Without an initialised process group
-        it decides on this process's loss alone.
+        it decides on this process's loss alone. ``grads_finite``: False when gradients
+        that are already the same on every rank (the row-sparse expert tables' norm, summed
+        over all ranks) are NaN/Inf: the step is bad whatever the loss.
         """
         if not self.cfg.enabled:
             return False
         nonfinite, mean_loss = self._reduce(loss, group)
         reason = self._bad_reason(nonfinite, mean_loss)
+        if reason is None and not grads_finite:
+            reason = "NaN/Inf expert-table gradients"
         if reason is None:
             self._history.append(mean_loss)
             return False

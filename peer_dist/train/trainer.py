@@ -32,11 +32,12 @@ from peer_dist.parallel.data_parallel import sync_batch_statistics
 from peer_dist.parallel.env import DistEnv, detect_env, finish_distributed, init_distributed, pick_backend, pick_device
 from peer_dist.parallel.expert_parallel import dispatch_metrics, parallelize_experts
 from peer_dist.parallel.layout import ParallelLayout
-from peer_dist.train.engine import build_engine, clip_gradients, clips_manually
+from peer_dist.train.engine import build_engine, clip_gradients, clips_manually, table_optimizer
 from peer_dist.train.metrics import MetricsWriter, evaluate, router_metrics
 from peer_dist.train.faults import FaultPlan
 from peer_dist.train.guard import DataSkips, StepGuard
 from peer_dist.train.signals import PreemptionHandler, requeue_slurm_job
+from peer_dist.train.sparse_tables import clip_scale
 
 
 @dataclass
@@ -104,7 +105,7 @@ def _set_up(cfg: Config) -> _Setup:
     seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
     placement = ExpertPlacement(layout.ep, layout.ep_rank(env.rank), cfg.parallel.expert_layout)
     model = build_model(cfg.model, vocab, placement).to(device)
-    parallelize_experts(model, layout, env.rank)
+    parallelize_experts(model, layout, env.rank, row_sparse_tables=cfg.train.expert_update == "sparse")
     engine = build_engine(model, cfg, layout)
     if layout.dp > 1:
         from deepspeed.utils import groups
@@ -298,18 +299,44 @@ def _train_step(cfg: Config, setup: _Setup, loop: _Loop) -> tuple[torch.Tensor, 
         last = micro == accum - 1
         update_start = time.perf_counter()
         if last:
-            bad = loop.guard.check(total / accum, step=step)  # NOTE: host sync (one small all-reduce)
+            table_sq = _reduce_tables(setup)
+            bad = loop.guard.check(total / accum, step=step,  # NOTE: host sync (one small all-reduce)
+                                   grads_finite=table_sq is None or bool(torch.isfinite(table_sq)))
             _skip_next_update(engine, bad)
             if bad:
                 _restore_buffers(engine.module, buffers)
             if clips_manually(cfg.train):
-                grad_norm = clip_gradients(engine.module, cfg.train.grad_clip, *_sharded_groups(setup))
+                grad_norm = clip_gradients(engine.module, cfg.train.grad_clip, *_sharded_groups(setup),
+                                           extra_sq=table_sq)
         engine.step()  # applies the update only at the accumulation boundary (and not for a bad step)
         if last:
+            _step_tables(cfg, setup, step, bad, grad_norm)
             setup.update_s += time.perf_counter() - update_start
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     return total / accum, grad_norm, bad
+
+
+def _reduce_tables(setup: _Setup) -> torch.Tensor | None:
+    """Row-sparse table gradients summed over their replicas; their squared norm over all ranks."""
+    tables = table_optimizer(setup.engine)
+    if tables is None:
+        return None
+    tables.reduce()
+    return tables.sq_norm()
+
+
+def _step_tables(cfg: Config, setup: _Setup, step: int, bad: bool, grad_norm: torch.Tensor | None) -> None:
+    """Update the tables' touched rows after DeepSpeed's step, clipped by the same global norm."""
+    tables = table_optimizer(setup.engine)
+    if tables is None:
+        return
+    if bad:
+        tables.zero_grad()
+        return
+    norm = grad_norm if grad_norm is not None else setup.engine.get_global_grad_norm()  # includes the tables
+    tables.set_step(step - 1)  # the schedule of step `step` (1-based), as DeepSpeed's scheduler
+    tables.step(clip_scale(norm, cfg.train.grad_clip))
 
 
 def _state_buffers(setup: _Setup) -> list[str]:
