@@ -49,6 +49,9 @@ from torch import Tensor, nn
 
 from peer_dist.model.expert_ops import RowGrad, coalesce_rows
 
+# Table values per update block (rows x D): 256k fp32 values = 1 MiB per gathered array.
+UPDATE_BLOCK_VALUES = 1 << 18
+
 # Moment keys, as torch's AdamW names them (checkpoints store them under these names).
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "row_step")
 
@@ -88,6 +91,7 @@ class SparseTableAdamW:
         self._grads: list[_Grad | None] = [None] * len(tables)
         # Squared norm of the reduced gradients (set by sq_norm); DeepSpeed's norm adds it.
         self.pending_sq_norm = torch.zeros((), dtype=torch.float64)
+        self._buffers: dict[str, Any] = {}  # update workspace, see _update_rows
         for spec in tables:
             spec.param.requires_grad_(False)  # autograd, DeepSpeed and ZeRO never see a dense gradient
             spec.param.row_grad = RowGrad()  # type: ignore[attr-defined]
@@ -151,7 +155,12 @@ class SparseTableAdamW:
                 rows_UD = grad.rows_UD.float()
                 if float(clip_scale) != 1.0:
                     rows_UD = rows_UD * clip_scale
-                self._update_rows(spec.param, grad.ids_U, rows_UD)
+                # Blocks of rows small enough for the CPU caches: each block's gathered moments,
+                # values and temporaries stay in cache between gather, update and scatter, so
+                # every table byte crosses the memory bus about once each way.
+                block = self._workspace(rows_UD.shape[1], rows_UD.device)[0].shape[0]
+                for start in range(0, grad.ids_U.numel(), block):
+                    self._update_rows(spec.param, grad.ids_U[start:start + block], rows_UD[start:start + block])
         self._grads = [None] * len(self.tables)
 
     def set_step(self, step: int) -> None:
@@ -159,18 +168,20 @@ class SparseTableAdamW:
         self.lr = self.base_lr * self.lr_factor(step)
 
     def _update_rows(self, p: nn.Parameter, ids_U: Tensor, g_UD: Tensor) -> None:
-        """AdamW on rows ``ids_U``: gathers the rows' moments and values, updates them, scatters back.
+        """AdamW on rows ``ids_U`` (one cache-sized block): gather, update in place, scatter back.
 
-        Written with in-place ops on the gathered rows: every (U, D) array is read and
-        written about once (this is the bandwidth-bound part of a sparse step).
+        Every (U, D) temporary lives in a workspace reused across blocks and steps: fresh
+        large allocations cost a page fault per 4 KiB on first touch, more than the update.
         """
         state = self.state_for(p)
         beta1, beta2 = self.betas
         master = state.get("master", p)
+        num = ids_U.numel()
+        m_UD, v_UD, rows_UD = (buf[:num] for buf in self._workspace(g_UD.shape[1], g_UD.device))
         step_U = state["row_step"].index_select(0, ids_U).add_(1)
         state["row_step"].index_copy_(0, ids_U, step_U)
-        m_UD = state["exp_avg"].index_select(0, ids_U).lerp_(g_UD, 1 - beta1)
-        v_UD = state["exp_avg_sq"].index_select(0, ids_U).mul_(beta2).addcmul_(g_UD, g_UD, value=1 - beta2)
+        torch.index_select(state["exp_avg"], 0, ids_U, out=m_UD).lerp_(g_UD, 1 - beta1)
+        torch.index_select(state["exp_avg_sq"], 0, ids_U, out=v_UD).mul_(beta2).addcmul_(g_UD, g_UD, value=1 - beta2)
         state["exp_avg"].index_copy_(0, ids_U, m_UD)
         state["exp_avg_sq"].index_copy_(0, ids_U, v_UD)
         # torch AdamW's arithmetic, with a bias correction per row (its own step count):
@@ -178,16 +189,24 @@ class SparseTableAdamW:
         step_U1 = step_U.to(torch.float32).unsqueeze(1)
         bias1_U1 = 1 - torch.pow(beta1, step_U1)
         bias2_sqrt_U1 = (1 - torch.pow(beta2, step_U1)).sqrt_()
-        denom_UD = v_UD.sqrt_().div_(bias2_sqrt_U1).add_(self.eps)  # v_UD is stored already: reuse it
-        rows_UD = master.index_select(0, ids_U)
-        if rows_UD.dtype != torch.float32:
-            rows_UD = rows_UD.float()
+        denom_UD = v_UD.sqrt_().div_(bias2_sqrt_U1).add_(self.eps)  # v is stored already: reuse its buffer
+        if master.dtype == torch.float32:
+            torch.index_select(master, 0, ids_U, out=rows_UD)
+        else:
+            rows_UD.copy_(master.index_select(0, ids_U))
         if self.weight_decay:
             rows_UD.mul_(1 - self.lr * self.weight_decay)
-        rows_UD.addcdiv_(m_UD.mul_(self.lr / bias1_U1), denom_UD, value=-1.0)  # m_UD is stored already
+        rows_UD.addcdiv_(m_UD.mul_(self.lr / bias1_U1), denom_UD, value=-1.0)  # m is stored already
         master.index_copy_(0, ids_U, rows_UD)
         if master is not p:
             p.index_copy_(0, ids_U, rows_UD.to(p.dtype))
+
+    def _workspace(self, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        block = max(64, UPDATE_BLOCK_VALUES // max(width, 1))
+        key = (width, str(device))
+        if self._buffers.get("key") != key:
+            self._buffers = {"key": key, "bufs": tuple(torch.empty(block, width, device=device) for _ in range(3))}
+        return self._buffers["bufs"]
 
     def state_for(self, p: nn.Parameter) -> dict[str, Tensor]:
         """The table's optimizer state, created on first use (moments zero, row steps 0)."""
