@@ -152,11 +152,11 @@ def tokenizer_sample(chunks: list[Chunk], sample_bytes: int, seed: int, options:
     """A bounded, seeded sample of the documents to train a tokenizer on.
 
     The files are visited in the order ``numpy.random.default_rng([seed, 2]).permutation``;
-    from each, its documents in order up to ``sample_bytes / 64`` bytes of text, until
-    ``sample_bytes`` are collected (or every file was visited).
+    from each, its documents in order up to ``sample_bytes / min(files, 64)`` bytes of text,
+    until ``sample_bytes`` are collected (or every file was visited).
     """
     files = [(path, c.limit if i == len(c.files) - 1 else None) for c in chunks for i, path in enumerate(c.files)]
-    per_file = max(1, sample_bytes // SAMPLE_FILES)
+    per_file = max(1, sample_bytes // min(len(files), SAMPLE_FILES))
     total = 0
     for k in np.random.default_rng([seed, 2]).permutation(len(files)):
         path, limit = files[k]

@@ -163,7 +163,8 @@ class DocumentReader:
                         text = self._document(_RowValue(value), f"row {row}")
                         if text:
                             yield text
-                self.position += pf.metadata.row_group(g).total_compressed_size
+                group = pf.metadata.row_group(g)
+                self.position += sum(group.column(i).total_compressed_size for i in range(group.num_columns))
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"{self.path} is not a readable Parquet file ({_one_line(exc)})") from None
 
