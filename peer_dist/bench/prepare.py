@@ -4,8 +4,10 @@ A synthetic JSON Lines corpus is written first (seeded: words of random letters 
 with Zipf frequencies, so BPE meets a long tail of rare words as in real text), in
 files of ``--file-mb``; each file is a chunk. Every measurement is one prepare in a
 fresh process (so each peak RSS is that run's own), repeated ``--repeats`` times;
-reported are the medians of input MB/s, the scaling ratio (2 workers / 1 worker) and
-the peak RSS of the largest worker and of the coordinating process. BPE runs use a
+reported are the medians of input MB/s, the scaling ratio (2 workers / 1 worker), the
+cores the workers kept busy (their CPU seconds / wall seconds: on a shared machine this
+shows how much of the ideal 2x the other load left) with MB/s per busy core, and the
+peak RSS of the largest worker and of the coordinating process. BPE runs use a
 tokenizer trained once beforehand (``--tokenizer-file``), so only tokenizing is timed.
 
 ``--synthetic-gb G`` adds one large prepare (``--big-tokenizer``, 2 workers) of a
@@ -74,7 +76,8 @@ def _throughput(root: Path, args: argparse.Namespace, workers: list[int], kinds:
     tok_file = _train_bpe(root, corpus, args.vocab_size) if "bpe" in kinds else None
     print(f"corpus: {input_bytes / 1e6:.1f} MB of JSONL in {len(list(corpus.iterdir()))} files; "
           f"{args.repeats} runs per setting, medians")
-    print(f"{'tokenizer':>9} {'workers':>7} {'MB/s':>8} {'scaling':>8} {'worker RSS MB':>14} {'main RSS MB':>12}")
+    print(f"{'tokenizer':>9} {'workers':>7} {'MB/s':>8} {'scaling':>8} {'cores busy':>10} {'MB/s/core':>9} "
+          f"{'worker RSS MB':>14} {'main RSS MB':>12}")
     rows: list[dict[str, Any]] = []
     for kind in kinds:
         base = None
@@ -82,13 +85,17 @@ def _throughput(root: Path, args: argparse.Namespace, workers: list[int], kinds:
             runs = [_one_run(corpus, root / "out", kind, tok_file, w, int(args.file_mb * 1e6))
                     for _ in range(args.repeats)]
             rate = statistics.median(r["input_bytes"] / r["seconds"] / 1e6 for r in runs)
+            cores = statistics.median(r["worker_cpu_s"] / r["seconds"] for r in runs)
+            per_core = statistics.median(r["input_bytes"] / r["worker_cpu_s"] / 1e6 for r in runs)
             base = base if base is not None else rate
             row = {"tokenizer": kind, "workers": w, "mb_per_s": rate, "scaling": rate / base,
+                   "cores_busy": cores, "mb_per_cpu_s": per_core,
                    "mb_per_s_runs": [r["input_bytes"] / r["seconds"] / 1e6 for r in runs],
                    "worker_peak_rss_mb": max(r["worker_peak_rss_mb"] for r in runs),
                    "main_peak_rss_mb": max(r["main_peak_rss_mb"] for r in runs)}
             rows.append(row)
-            print(f"{kind:>9} {w:>7} {rate:8.2f} {rate / base:7.2f}x {row['worker_peak_rss_mb']:14.0f} "
+            print(f"{kind:>9} {w:>7} {rate:8.2f} {rate / base:7.2f}x {cores:10.2f} {per_core:9.2f} "
+                  f"{row['worker_peak_rss_mb']:14.0f} "
                   f"{row['main_peak_rss_mb']:12.0f}", flush=True)
     return {"input_mb": input_bytes / 1e6, "rows": rows}
 

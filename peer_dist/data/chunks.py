@@ -107,7 +107,7 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
     result = {"chunk": job.chunk.index, "files": len(job.chunk.files), "documents": docs, "bytes": text_bytes,
               "skipped_files": counts.skipped_files, "empty_documents": counts.empty_documents,
               "bad_records": counts.bad_records, "first_bad": counts.first_bad,
-              "peak_rss_mb": peak_rss_mb(), "pid": os.getpid()}
+              "peak_rss_mb": peak_rss_mb(), "cpu_s": _cpu_seconds(), "pid": os.getpid()}
     for split, writer in writers.items():
         result[split] = writer.finish()
     return result
@@ -187,6 +187,12 @@ class _SplitWriter:
         self.shards.append({"file": name, "samples": len(self.rows), "bytes": len(data), "sha256": sha256_bytes(data)})
         self.samples += len(self.rows)
         self.rows = []
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) this worker process has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def peak_rss_mb() -> float:

@@ -300,14 +300,17 @@ def _report(results: list[dict[str, Any]], total: int, seconds: float, workers: 
             stats: dict[str, Any] | None) -> None:
     samples = sum(sh["samples"] for r in results for split in ("train", "val") for sh in r[split])
     peak: dict[int, float] = {}
+    cpu: dict[int, float] = {}  # per worker process: its CPU time at its last chunk
     for r in results:
         peak[r["pid"]] = max(peak.get(r["pid"], 0.0), r["peak_rss_mb"])
+        cpu[r["pid"]] = max(cpu.get(r["pid"], 0.0), r["cpu_s"])
     figures = {"seconds": seconds, "input_bytes": total, "text_bytes": sum(r["bytes"] for r in results),
                "documents": sum(r["documents"] for r in results), "samples": samples, "workers": workers,
-               "worker_peak_rss_mb": max(peak.values(), default=0.0)}
-    get_logger().info("prepared %.1f MB of input (%d documents) in %.1f s: %.2f MB/s with %d workers, "
-                      "peak RSS per worker %.0f MB", total / 1e6, figures["documents"], seconds,
-                      total / 1e6 / max(seconds, 1e-9), workers, figures["worker_peak_rss_mb"])
+               "worker_peak_rss_mb": max(peak.values(), default=0.0), "worker_cpu_s": sum(cpu.values())}
+    get_logger().info("prepared %.1f MB of input (%d documents) in %.1f s: %.2f MB/s with %d workers "
+                      "(%.2f cores busy), peak RSS per worker %.0f MB", total / 1e6, figures["documents"], seconds,
+                      total / 1e6 / max(seconds, 1e-9), workers, figures["worker_cpu_s"] / max(seconds, 1e-9),
+                      figures["worker_peak_rss_mb"])
     if stats is not None:
         stats.update(figures)
 
