@@ -76,6 +76,9 @@ def _throughput(root: Path, args: argparse.Namespace, workers: list[int], kinds:
     tok_file = _train_bpe(root, corpus, args.vocab_size) if "bpe" in kinds else None
     print(f"corpus: {input_bytes / 1e6:.1f} MB of JSONL in {len(list(corpus.iterdir()))} files; "
           f"{args.repeats} runs per setting, medians")
+    control = {w: available_cores(w) for w in workers}
+    print("control, pure-CPU processes: " + ", ".join(f"{w} got {c:.2f} cores" for w, c in control.items())
+          + " (what the machine's other load leaves)")
     print(f"{'tokenizer':>9} {'workers':>7} {'MB/s':>8} {'scaling':>8} {'cores busy':>10} {'MB/s/core':>9} "
           f"{'worker RSS MB':>14} {'main RSS MB':>12}")
     rows: list[dict[str, Any]] = []
@@ -97,7 +100,7 @@ def _throughput(root: Path, args: argparse.Namespace, workers: list[int], kinds:
             print(f"{kind:>9} {w:>7} {rate:8.2f} {rate / base:7.2f}x {cores:10.2f} {per_core:9.2f} "
                   f"{row['worker_peak_rss_mb']:14.0f} "
                   f"{row['main_peak_rss_mb']:12.0f}", flush=True)
-    return {"input_mb": input_bytes / 1e6, "rows": rows}
+    return {"input_mb": input_bytes / 1e6, "rows": rows, "control_cores": control}
 
 
 def _big(root: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -110,6 +113,24 @@ def _big(root: Path, args: argparse.Namespace) -> dict[str, Any]:
           f"{r['worker_peak_rss_mb']:.0f} MB, main {r['main_peak_rss_mb']:.0f} MB", flush=True)
     shutil.rmtree(corpus, ignore_errors=True)
     return dict(r, gb=size / 1e9, tokenizer=args.big_tokenizer)
+
+
+def available_cores(processes: int, seconds: float = 2.0) -> float:
+    """Cores that ``processes`` busy-looping processes get together: each spins ``seconds`` of wall
+    time and reports the CPU time it got; the sum over ``seconds`` (start-up excluded)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        return sum(pool.map(_spin, [seconds] * processes)) / seconds
+
+
+def _spin(seconds: float) -> float:
+    import time
+
+    wall, cpu = time.monotonic(), time.process_time()
+    while time.monotonic() - wall < seconds:
+        pass
+    return time.process_time() - cpu
 
 
 def _one_run(corpus: Path, out: Path, kind: str, tok_file: Path | None, workers: int,
