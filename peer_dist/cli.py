@@ -1,4 +1,4 @@
-"""`peer-dist` command line: prepare | train | eval | export | bench | sweep."""
+"""`peer-dist` command line: prepare | prepare-merge | tokenizer | verify | train | eval | export | bench | sweep."""
 
 from __future__ import annotations
 
@@ -11,13 +11,51 @@ from peer_dist.errors import EXIT_USER_ERROR, UserError
 
 def _prepare(args: argparse.Namespace) -> int:
     from peer_dist.data import prepare
+    from peer_dist.log import setup_logging
 
+    setup_logging()
     manifest = prepare(
         args.inputs, args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
         samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction, seed=args.seed,
-        max_bytes=args.max_bytes, overwrite=args.overwrite,
+        max_bytes=args.max_bytes, overwrite=args.overwrite, text_field=args.text_field, bad_record=args.bad_record,
+        workers=args.workers, tokenizer_file=args.tokenizer_file, tokenizer_sample_bytes=args.tokenizer_sample_bytes,
+        chunk_bytes=args.chunk_bytes, part=args.part, num_parts=args.num_parts, progress=not args.no_progress,
     )
-    print(f"prepared {args.output}: {manifest.summary()}")
+    if manifest is None:
+        print(f"prepared part {args.part} of {args.num_parts} into {args.output}; when every part is done: "
+              f"peer-dist prepare-merge {args.output}")
+    else:
+        print(f"prepared {args.output}: {manifest.summary()}")
+    return 0
+
+
+def _prepare_merge(args: argparse.Namespace) -> int:
+    from peer_dist.data import merge_parts
+
+    manifest = merge_parts(args.output)
+    print(f"merged {args.output}: {manifest.summary()}")
+    return 0
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from peer_dist.data.prepare import write_tokenizer
+    from peer_dist.log import setup_logging
+
+    setup_logging()
+    tok = write_tokenizer(args.inputs, args.output, vocab_size=args.vocab_size, seed=args.seed,
+                          text_field=args.text_field, bad_record=args.bad_record,
+                          sample_bytes=args.tokenizer_sample_bytes, overwrite=args.overwrite)
+    print(f"wrote {args.output}: byte-level BPE, {tok.vocab_size} ids with end-of-text; give it to every part "
+          f"with --tokenizer-file {args.output}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from peer_dist.data import verify_data
+
+    manifest = verify_data(args.data, workers=args.workers, progress=not args.no_progress,
+                           read_retries=args.read_retries)
+    print(f"verified {args.data}: every shard matches manifest.json ({manifest.summary()})")
     return 0
 
 
@@ -58,22 +96,62 @@ def _sweep(args: argparse.Namespace) -> int:
     return sweep_cli.run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peer-dist", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("prepare", help="text -> WebDataset token shards + manifest")
-    p.add_argument("inputs", nargs="*", help="text files, folders or globs (default: Python's standard library source)")
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", help="text, .jsonl[.gz|.zst], .json.gz or .parquet files, folders or globs "
+                                              "(default: Python's standard library source)")
     p.add_argument("--output", "-o", required=True, help="output folder for shards, manifest and tokenizer")
-    p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
+    p.add_argument("--tokenizer", choices=("byte", "bpe"), default=None, help="byte (default) or BPE trained here")
+    p.add_argument("--tokenizer-file", default=None, help="use this tokenizers tokenizer.json instead")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (ignored for byte)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training sample")
     p.add_argument("--samples-per-shard", type=int, default=1024)
     p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-bytes", type=int, default=None, help="cap on the corpus size in bytes")
+    p.add_argument("--max-bytes", type=int, default=None, help="cap on the corpus size in bytes of text")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (the output is the same for any)")
+    p.add_argument("--chunk-bytes", type=int, default=64 << 20,
+                   help="files are grouped into chunks of at least this many bytes: the unit of work")
+    p.add_argument("--part", type=int, default=None, help="with --num-parts: this job's part, 0..P-1")
+    p.add_argument("--num-parts", type=int, default=1, help="independent jobs sharing the work (then prepare-merge)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _sample_arguments(p)
+
+
+def _sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    p.add_argument("--bad-record", choices=("error", "skip"), default="error",
+                   help="a malformed JSONL line or Parquet row: stop (error) or leave it out and count it (skip)")
+    p.add_argument("--tokenizer-sample-bytes", type=int, default=100_000_000,
+                   help="BPE is trained on a seeded sample of at most about this many bytes of text")
+    p.add_argument("--seed", type=int, default=0, help="validation split and tokenizer sample")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peer-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="text, JSONL or Parquet -> WebDataset token shards + manifest")
+    _prepare_arguments(p)
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("prepare-merge", help="write the manifest of a prepare run as --part i --num-parts P jobs")
+    p.add_argument("output", help="the --output folder every part wrote into")
+    p.set_defaults(func=_prepare_merge)
+
+    p = sub.add_parser("tokenizer", help="train byte-level BPE on a corpus sample once, for multi-part prepares")
+    p.add_argument("inputs", nargs="*", help="the corpus, as for prepare (default: Python's standard library)")
+    p.add_argument("--output", "-o", required=True, help="tokenizer.json to write")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    _sample_arguments(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_tokenizer)
+
+    p = sub.add_parser("verify", help="check every shard of a prepared folder against its manifest (size, sha256)")
+    p.add_argument("data", help="prepared data folder (or pipe:/http location)")
+    p.add_argument("--workers", type=int, default=4, help="shards hashed at a time")
+    p.add_argument("--read-retries", type=int, default=0, help="retries of a failed remote read")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_verify)
 
     p = sub.add_parser("train", help="train a model (one process, or every rank under torchrun/srun/mpirun)")
     p.add_argument("--config", "-c", default=None, help="TOML or YAML config file")
@@ -107,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("ckpt", help="training-time cost of interval checkpoints: none vs sync vs async")
     ckpt.add_arguments(b)
     b.set_defaults(func=_bench, bench_run=ckpt.run)
+    from peer_dist.bench import prepare as prepare_bench
+
+    b = bench.add_parser("prepare", help="prepare throughput (MB/s) at 1 and 2 workers, byte and BPE; peak RSS")
+    prepare_bench.add_arguments(b)
+    b.set_defaults(func=_bench, bench_run=prepare_bench.run)
 
     from peer_dist.sweep import cli as sweep_cli
 

@@ -91,7 +91,9 @@ class DataConfig:
     path: str = "data/stdlib-byte"  # folder written by `peer-dist prepare`
     num_workers: int = _at_least(0, 0)
     bad_shard: str = _choice("error", ("error", "skip"))
-    verify: bool = True  # check every shard's size and sha256 against the manifest
+    # Check every shard's size and sha256 against the manifest when it is read (true), not (false),
+    # or also every shard of this rank's share before step 1 ("upfront", see peer_dist/data/verify.py).
+    verify: bool | str = _choice(True, (True, False, "upfront"))
     read_retries: int = _at_least(3, 0)  # re-reads of a shard whose read failed (remote: dropped connection)
     retry_wait_s: float = _at_least(0.5, 0.0)  # wait before the first retry, doubled for each further one
 

@@ -230,9 +230,9 @@ def test_val_batches_errors(data: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="fewer than one batch per rank"):
         val_batches(data, rank=0, world=2, batch_size=1000)
     shutil.copytree(data, tmp_path / "data")
-    shard = tmp_path / "data" / "val-000000.tar"
+    shard = tmp_path / "data" / "val-000000-000000.tar"
     shard.write_bytes(shard.read_bytes()[:2048])
-    with pytest.raises(DataError, match="val shard .*val-000000.tar"):
+    with pytest.raises(DataError, match="val shard .*val-000000-000000.tar"):
         list(val_batches(tmp_path / "data", rank=0, world=1, batch_size=4))
     text = tmp_path / "one.txt"
     text.write_text("some text " * 50)

@@ -72,51 +72,59 @@ def test_byte_tokenizer_round_trip() -> None:
     np.testing.assert_array_equal(tok.encode_array(text), ids)
 
 
-def test_samples_reconstruct_corpus_document_split(tmp_path: Path) -> None:
+def _reference_rows(docs: list[str], seq_len: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """The documented split, re-implemented: byte tokens + EOT per document, 8-sample pieces, blake2b rule."""
+    piece = 8 * (seq_len + 1)
+    streams: dict[str, list[int]] = {"train": [], "val": []}
+    for doc in docs:
+        tokens = [*doc.encode("utf-8"), EOT]
+        key = hashlib.sha256(doc.encode("utf-8")).digest()
+        for p, start in enumerate(range(0, len(tokens), piece)):
+            data = seed.to_bytes(8, "little", signed=True) + key + p.to_bytes(8, "little")
+            u = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") / 2 ** 64
+            streams["val" if val_fraction > 0 and u < val_fraction else "train"] += tokens[start: start + piece]
+    rows = {}
+    for split, stream in streams.items():
+        n = len(stream) // (seq_len + 1)
+        rows[split] = np.array(stream[: n * (seq_len + 1)], dtype=np.int64).reshape(n, seq_len + 1)
+    return rows
+
+
+def test_samples_follow_the_documented_hash_split(tmp_path: Path) -> None:
     corpus = _write_corpus(tmp_path / "text")
     seq_len = 16
     m = prepare([str(tmp_path / "text")], tmp_path / "out", seq_len=seq_len, samples_per_shard=8,
                 val_fraction=0.2, seed=3)
-    assert m.info["split"]["mode"] == "document"
-    assert m.info["corpus"]["files"] == len(corpus) and m.info["corpus"]["skipped_files"] == 1  # the binary
-    splits = {}
+    assert m.info["split"] == {"mode": "hash", "val_fraction": 0.2, "seed": 3, "piece_tokens": 8 * 17}
+    corpus_info = m.info["corpus"]
+    assert corpus_info["documents"] == len(corpus) and corpus_info["skipped_files"] == 1  # the binary
+    expected = _reference_rows(corpus, seq_len, 0.2, 3)
     for split in ("train", "val"):
-        rows, keys = _read_split(tmp_path / "out", split)
-        assert keys == [f"{i:09d}.tokens.npy" for i in range(len(rows))]
+        rows, _ = _read_split(tmp_path / "out", split)
         assert all(r.dtype == np.uint16 and r.shape == (seq_len + 1,) for r in rows)
-        tokens = np.concatenate(rows).astype(np.int64)
-        complete, partial = _docs_of(tokens)
-        members = complete + [d for d in corpus if partial and d.startswith(partial) and d not in complete]
-        assert len(members) == len(complete) + (1 if partial else 0)
-        # The split's samples are exactly its documents in corpus order, EOT after each, tail dropped.
-        expected = _stream([d for d in corpus if d in members])
-        assert len(expected) - len(tokens) < seq_len + 1
-        np.testing.assert_array_equal(tokens, expected[: len(tokens)])
-        splits[split] = set(members)
-    assert splits["train"].isdisjoint(splits["val"])
-    assert splits["train"] | splits["val"] == set(corpus)
-    assert m.info["split"]["val_documents"] == len(splits["val"])
-    val_tokens = sum(len(d.encode()) + 1 for d in splits["val"])
-    total = sum(len(d.encode()) + 1 for d in corpus)
-    assert 0.2 * total <= val_tokens <= 0.4 * total + seq_len + 1  # the documented acceptance rule
+        np.testing.assert_array_equal(np.stack(rows).astype(np.int64), expected[split])
+    assert 0 < len(expected["val"]) < len(expected["train"])
 
 
-def test_single_file_uses_a_contiguous_sample_split(tmp_path: Path) -> None:
-    text = "".join(_write_corpus(tmp_path / "text"))
+def test_single_file_is_split_in_pieces_not_one_block(tmp_path: Path) -> None:
+    text = "".join(_write_corpus(tmp_path / "text", n_docs=60))
     (tmp_path / "one.txt").write_text(text, encoding="utf-8")
-    seq_len = 20
-    m = prepare([str(tmp_path / "one.txt")], tmp_path / "out", seq_len=seq_len, samples_per_shard=16,
-                val_fraction=0.1, seed=1)
-    split = m.info["split"]
-    stream = _stream([text])
-    n = len(stream) // (seq_len + 1)
-    full = stream[: n * (seq_len + 1)].reshape(n, seq_len + 1)
-    train, _ = _read_split(tmp_path / "out", "train")
+    seq_len = 10
+    prepare([str(tmp_path / "one.txt")], tmp_path / "out", seq_len=seq_len, samples_per_shard=16,
+            val_fraction=0.2, seed=1)
+    expected = _reference_rows([text], seq_len, 0.2, 1)
     val, _ = _read_split(tmp_path / "out", "val")
-    assert split["mode"] == "sample" and split["val_samples"] == len(val) == round(0.1 * n)
-    start = split["val_start"]
-    rebuilt = np.stack(train[:start] + val + train[start:])
-    np.testing.assert_array_equal(rebuilt, full)
+    train, _ = _read_split(tmp_path / "out", "train")
+    np.testing.assert_array_equal(np.stack(val).astype(np.int64), expected["val"])
+    np.testing.assert_array_equal(np.stack(train).astype(np.int64), expected["train"])
+    # The validation pieces come from several places of the file, not one contiguous block.
+    stream = _stream([text])
+    piece = 8 * (seq_len + 1)
+    val_tokens = np.concatenate(val).astype(np.int64)
+    starts = [p for p in range(0, len(stream), piece)
+              if len(val_tokens) >= piece and any(np.array_equal(stream[p: p + piece], val_tokens[i: i + piece])
+                                                   for i in range(0, len(val_tokens) - piece + 1, piece))]
+    assert len(starts) >= 2 and max(np.diff(starts)) > piece
 
 
 def test_manifest_matches_files(tmp_path: Path) -> None:
@@ -132,6 +140,8 @@ def test_manifest_matches_files(tmp_path: Path) -> None:
             assert info.sha256 == hashlib.sha256(data).hexdigest()
             with tarfile.open(f) as tar:
                 assert info.samples == len(tar.getmembers())
+                first = int(f.name.split("-")[2][:6]) * 8
+                assert tar.getnames() == [f"000000-{first + i:07d}.tokens.npy" for i in range(info.samples)]
         assert all(s.samples == 8 for s in m.shards(split)[:-1])
         n = sum(s.samples for s in m.shards(split))
         assert raw["splits"][split]["samples"] == n == m.num_samples(split)
@@ -144,7 +154,7 @@ def test_manifest_matches_files(tmp_path: Path) -> None:
     # Deterministic: same inputs and arguments -> same bytes and fingerprint; another seed -> another split.
     again = prepare([str(tmp_path / "text")], tmp_path / "again", seq_len=16, samples_per_shard=8, val_fraction=0.2)
     assert again.fingerprint == m.fingerprint
-    assert (tmp_path / "again" / "train-000000.tar").read_bytes() == (tmp_path / "out" / "train-000000.tar").read_bytes()
+    assert (tmp_path / "again" / "train-000000-000000.tar").read_bytes() == (tmp_path / "out" / "train-000000-000000.tar").read_bytes()
     other = prepare([str(tmp_path / "text")], tmp_path / "other", seq_len=16, samples_per_shard=8, val_fraction=0.2,
                     seed=1)
     assert other.fingerprint != m.fingerprint
@@ -179,7 +189,8 @@ def test_default_corpus_is_the_stdlib(tmp_path: Path) -> None:
     corpus = m.info["corpus"]
     assert corpus["default_stdlib"] and corpus["bytes"] == 30_000 and corpus["truncated"]
     tokens = (m.num_samples("train") + m.num_samples("val")) * 33
-    docs = corpus["files"]
+    docs = corpus["documents"]
+    assert corpus["files"] == docs
     assert 30_000 + docs - 2 * 33 < tokens <= 30_000 + docs  # every byte + one EOT per doc, minus dropped tails
     # Every complete document in the shards is one stdlib file, in sorted order within each split.
     texts = [f.read_text(encoding="utf-8") for f in files[:docs]]

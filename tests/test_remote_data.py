@@ -197,7 +197,7 @@ def test_manifest_and_validation_over_http(server: _DroppingServer, served: Path
     """(d) data.path is a URL: the manifest (dropped once) and the validation shards are read over http too."""
     url = f"{server.url}/data"
     server.drops["/data/manifest.json"] = 1
-    server.drops["/data/val-000000.tar"] = 2
+    server.drops["/data/val-000000-000000.tar"] = 2
     stream = TrainStream(url, rank=1, world=2, micro_batch_size=MICRO, grad_accum=2, seed=3, read_retries=3,
                          retry_wait_s=0.01)
     assert stream.read_stats == {"read_retries": 1, "failed_reads": 0}  # the manifest's retry
@@ -206,14 +206,14 @@ def test_manifest_and_validation_over_http(server: _DroppingServer, served: Path
     assert _same(_take(stream, 6), _take(reference, 6))
     remote_val = list(val_batches(url, rank=0, world=1, batch_size=4, read_retries=3, retry_wait_s=0.01))
     assert _same(remote_val, list(val_batches(served / "data", rank=0, world=1, batch_size=4)))
-    assert server.requests["/data/val-000000.tar"] == 3
+    assert server.requests["/data/val-000000-000000.tar"] == 3
     # A missing manifest (HTTP 404) is not retried and says what to do.
     with pytest.raises(DataError, match=r"nowhere/manifest.json: manifest.json is missing; prepare the data"):
         Manifest.load(f"{server.url}/nowhere", read_retries=3, retry_wait_s=0.01)
     assert server.requests["/nowhere/manifest.json"] == 1
     # A validation shard that never arrives is an error naming it and the retries.
-    server.drops["/data/val-000000.tar"] = 100
-    with pytest.raises(DataError, match=rf"^val shard {url}/val-000000.tar could not be read .*failed 2 attempts "
+    server.drops["/data/val-000000-000000.tar"] = 100
+    with pytest.raises(DataError, match=rf"^val shard {url}/val-000000-000000.tar could not be read .*failed 2 attempts "
                                         r"\(retried once, data.read_retries=1\); re-run prepare"):
         list(val_batches(url, rank=0, world=1, batch_size=4, read_retries=1, retry_wait_s=0.01))
 

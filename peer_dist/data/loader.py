@@ -10,6 +10,8 @@ checked against the manifest and decoded:
 
 - size and sha256 (``verify``, default on): a tar truncated on a 512-byte block
   boundary parses cleanly with fewer samples, and a flipped byte parses too;
+  ``verify="upfront"`` also checks this rank's share of all shards when the training
+  stream is opened, before step 1 (verify.py), instead of when each shard is reached;
 - sample count and sample shape, always (cheap, and catches the truncation even
   with ``verify`` off).
 
@@ -39,11 +41,13 @@ import torch
 
 from peer_dist.data.manifest import SAMPLE_EXT, Manifest, ReadFailed, ReadStats, read_retrying
 from peer_dist.data.order import SampleOrder, micro_batch_sample_ids
+from peer_dist.data.verify import verify_upfront
 from peer_dist.errors import DataError
 from peer_dist.fileio import sha256_bytes
 from peer_dist.log import get_logger
 
 BAD_SHARD_POLICIES = ("error", "skip")
+VERIFY_MODES = (True, False, "upfront")  # data.verify: check each shard as read / not / also all before step 1
 _SHARD_CACHE = 2  # decoded shards kept per process: the current one and its neighbour
 
 
@@ -231,7 +235,7 @@ class TrainStream:
 
     def __init__(self, data_dir: str | Path, rank: int, world: int, micro_batch_size: int, grad_accum: int = 1,
                  seed: int = 0, start_step: int = 0, num_workers: int = 0, bad_shard: str = "error",
-                 verify: bool = True, read_retries: int = 3, retry_wait_s: float = 0.5) -> None:
+                 verify: bool | str = True, read_retries: int = 3, retry_wait_s: float = 0.5) -> None:
         if bad_shard not in BAD_SHARD_POLICIES:
             raise DataError(f"data.bad_shard={bad_shard!r} is not a policy; allowed: {', '.join(BAD_SHARD_POLICIES)}")
         _check_retries(read_retries, retry_wait_s)
@@ -245,12 +249,16 @@ class TrainStream:
         shards = self.manifest.shards("train")
         if not shards:
             raise DataError(f"{data_dir} has no train shards; re-run `peer-dist prepare`")
+        if verify not in VERIFY_MODES:
+            raise DataError(f"data.verify={verify!r} is not known; allowed: {', '.join(map(repr, VERIFY_MODES))}")
+        if verify == "upfront":
+            verify_upfront(self.manifest, rank, world, bad_shard, read_retries)
         self.order = SampleOrder([s.samples for s in shards], seed)
         self.rank, self.world, self.seed = rank, world, seed
         self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
         self.global_batch = micro_batch_size * grad_accum * world
         self.start_step, self.num_workers = start_step, num_workers
-        self.bad_shard, self.verify = bad_shard, verify
+        self.bad_shard, self.verify = bad_shard, bool(verify)  # "upfront" keeps checking each read too
         self.read_retries, self.retry_wait_s = read_retries, retry_wait_s
         self.consumed_samples = start_step * self.global_batch
         self._bad_shards: set[str] = set()

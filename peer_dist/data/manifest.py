@@ -48,7 +48,8 @@ from peer_dist.log import get_logger
 T = TypeVar("T")
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: per-chunk shards, hash split, corpus counts of JSONL/Parquet inputs
+READABLE_VERSIONS = (1, 2)  # the shard and split entries the loader reads are the same in both
 SPLITS = ("train", "val")
 SAMPLE_EXT = "tokens.npy"  # WebDataset member suffix: <key>.tokens.npy
 
@@ -246,9 +247,9 @@ class Manifest:
             raise DataError(f"{location} could not be read ({' '.join(str(exc).split())[:300]})"
                             f"{failed.after}") from None
         version = info.get("version") if isinstance(info, dict) else None
-        if version != MANIFEST_VERSION:
-            raise DataError(f"{location} has format version {version}; this peer_dist reads version "
-                            f"{MANIFEST_VERSION}: re-run `peer-dist prepare`")
+        if version not in READABLE_VERSIONS:
+            raise DataError(f"{location} has format version {version}; this peer_dist reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}: re-run `peer-dist prepare`")
         body = {k: v for k, v in info.items() if k != "fingerprint"}
         if info.get("fingerprint") != fingerprint_of(body):
             raise DataError(f"{location} was modified after prepare (its fingerprint does not match its "

@@ -1,4 +1,8 @@
-"""Tokenizers: byte-level (no files) and byte-level BPE trained locally with `tokenizers`.
+"""Tokenizers: byte-level (no files), byte-level BPE trained locally, or any `tokenizers` file.
+
+A ``tokenizer.json`` given with ``--tokenizer-file`` (any Hugging Face ``tokenizers``
+file, read locally) is used as is, without its special-token post-processing (no
+BOS/EOS added per document: documents are separated by our end-of-text id only).
 
 Both reserve one end-of-text id (``eot_id``) that separates documents in the
 token stream. It sits OUTSIDE the text vocabulary: encoding never produces it,
@@ -18,6 +22,7 @@ from peer_dist.errors import DataError
 EOT_TEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZERS = ("byte", "bpe")
+FILE_TOKENIZER = "file"  # manifest name of a tokenizer given as a file
 # Byte-level BPE starts from the 256 byte symbols; one merge and the EOT id make 258.
 MIN_BPE_VOCAB = 258
 
@@ -64,21 +69,20 @@ class ByteTokenizer:
 class BPETokenizer:
     """Byte-level BPE (GPT-2 style pre-tokenisation, lossless on any text)."""
 
-    name = "bpe"
-
-    def __init__(self, tokenizer: Any) -> None:  # a tokenizers.Tokenizer
+    def __init__(self, tokenizer: Any, name: str = "bpe") -> None:  # a tokenizers.Tokenizer
         self._tok = tokenizer
+        self.name = name
         self.eot_id = tokenizer.get_vocab_size()  # first id after the learned vocabulary
         self.vocab_size = self.eot_id + 1
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.int64)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts)]
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return _decode_with_eot(ids, self.eot_id, lambda part: self._tok.decode(part, skip_special_tokens=False))
@@ -103,16 +107,19 @@ class BPETokenizer:
         return cls(tok)
 
     @classmethod
-    def load(cls, path: Path) -> BPETokenizer:
+    def load(cls, path: Path, name: str = "bpe", given: str = "") -> BPETokenizer:
+        """The tokenizer in ``path``; ``given`` names the flag it came from, for messages."""
         from tokenizers import Tokenizer as HFTokenizer
 
+        fix = f"check {given}" if given else "re-run `peer-dist prepare` for this folder"
         if not path.is_file():
-            raise DataError(f"BPE tokenizer file {path} is missing; re-run `peer-dist prepare` for this folder")
+            raise DataError(f"tokenizer file {path} is missing; {fix}")
         try:
             tok = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on a bad file
-            raise DataError(f"{path} is not a valid {TOKENIZER_FILE} ({exc}); re-run `peer-dist prepare`") from None
-        return cls(tok)
+            raise DataError(f"{path} is not a valid tokenizers {TOKENIZER_FILE} ({' '.join(str(exc).split())[:200]}); "
+                            f"{fix}") from None
+        return cls(tok, name)
 
 
 def check_tokenizer_args(tokenizer: str, vocab_size: int) -> None:
@@ -135,7 +142,7 @@ def load_tokenizer(data_dir: str | Path) -> ByteTokenizer | BPETokenizer:
     if manifest.tokenizer == "byte":
         return ByteTokenizer()
     path = Path(data_dir) / TOKENIZER_FILE
-    tok = BPETokenizer.load(path)
+    tok = BPETokenizer.load(path, manifest.tokenizer)
     if tok.vocab_size != manifest.vocab_size:
         raise DataError(f"{path} has {tok.vocab_size} ids but manifest.json says {manifest.vocab_size}; "
                         "the tokenizer file was replaced after prepare")
