@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = p.add_subparsers(dest="bench", required=True)
     from peer_dist.bench import ckpt, ep, layer
 
-    b = bench.add_parser("layer", help="PEER layer vs naive Algorithm 1 vs dense FFW: time and peak memory")
+    b = bench.add_parser("layer", help="PEER layer fwd+bwd+update vs dense-update PEER, naive Algorithm 1, dense FFW "
+                         "over N: time, peak memory, row-traffic floor")
     layer.add_arguments(b)
     b.set_defaults(func=_bench, bench_run=layer.run)
     b = bench.add_parser("ep", help="PEER layer at EP = 1, 2, 4: tokens/s, all_to_all bytes vs bound, imbalance")
@@ -185,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("ckpt", help="training-time cost of interval checkpoints: none vs sync vs async")
     ckpt.add_arguments(b)
     b.set_defaults(func=_bench, bench_run=ckpt.run)
+    from peer_dist.bench import model as model_bench
+
+    b = bench.add_parser("model", help="whole models of a sweep spec side by side: time per counted FLOP vs dense")
+    model_bench.add_arguments(b)
+    b.set_defaults(func=_bench, bench_run=model_bench.run)
     from peer_dist.bench import prepare as prepare_bench
 
     b = bench.add_parser("prepare", help="prepare throughput (MB/s) at 1 and 2 workers, byte and BPE; peak RSS")
