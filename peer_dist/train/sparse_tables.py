@@ -92,6 +92,9 @@ class SparseTableAdamW:
         # Squared norm of the reduced gradients (set by sq_norm); DeepSpeed's norm adds it.
         self.pending_sq_norm = torch.zeros((), dtype=torch.float64)
         self._buffers: dict[str, Any] = {}  # update workspace, see _update_rows
+        # Since the last metrics read: rows updated, rows held (both summed over tables and
+        # steps) and replica reductions that exchanged touched rows vs a dense buffer.
+        self.counts = {"rows_updated": 0, "rows_held": 0, "sparse_exchanges": 0, "dense_exchanges": 0}
         for spec in tables:
             spec.param.requires_grad_(False)  # autograd, DeepSpeed and ZeRO never see a dense gradient
             spec.param.row_grad = RowGrad()  # type: ignore[attr-defined]
@@ -117,7 +120,8 @@ class SparseTableAdamW:
                          torch.zeros(0, p.shape[1], dtype=torch.promote_types(p.dtype, torch.float32), device=p.device))
             ids_U, rows_UD = local
             if spec.replica_group is not None and dist.get_world_size(spec.replica_group) > 1:
-                ids_U, rows_UD = _sum_over_replicas(ids_U, rows_UD, p.shape[0], spec.replica_group)
+                ids_U, rows_UD, dense = _sum_over_replicas(ids_U, rows_UD, p.shape[0], spec.replica_group)
+                self.counts["dense_exchanges" if dense else "sparse_exchanges"] += 1
             if self.grad_divisor != 1:
                 rows_UD = rows_UD / self.grad_divisor
             self._grads[i] = _Grad(ids_U, rows_UD)
@@ -151,6 +155,9 @@ class SparseTableAdamW:
     def step(self, clip_scale: float | Tensor = 1.0) -> None:
         """AdamW on the touched rows; gradients are multiplied by ``clip_scale`` first."""
         for grad, spec in zip(self._grads, self.tables):
+            self.counts["rows_held"] += spec.param.shape[0]
+            if grad is not None:
+                self.counts["rows_updated"] += grad.ids_U.numel()
             if grad is not None and grad.ids_U.numel():
                 rows_UD = grad.rows_UD.float()
                 if float(clip_scale) != 1.0:
@@ -227,8 +234,10 @@ class SparseTableAdamW:
         return self.tables[0].param.device if self.tables else torch.device("cpu")
 
 
-def _sum_over_replicas(ids_U: Tensor, rows_UD: Tensor, num_rows: int, group: Any) -> tuple[Tensor, Tensor]:
+def _sum_over_replicas(ids_U: Tensor, rows_UD: Tensor, num_rows: int, group: Any) -> tuple[Tensor, Tensor, bool]:
     """Sum row-sparse gradients over ``group``: exchange touched rows, or a dense buffer when cheaper.
+
+    Returns (ids, rows, whether the dense buffer was used).
 
     Sparse: every rank receives sum_r U_r * (D + 1) values (all_gather, padded to the
     largest U_r). Dense: a ring all-reduce moves about 2 * L * (D + 1) values per rank.
@@ -239,7 +248,7 @@ def _sum_over_replicas(ids_U: Tensor, rows_UD: Tensor, num_rows: int, group: Any
     dist.all_gather(counts, count, group=group)
     counts_r = [int(c) for c in torch.cat(counts).tolist()]  # NOTE: host sync: sizes of the exchange
     if sum(counts_r) >= 2 * num_rows:
-        return _sum_dense(ids_U, rows_UD, num_rows, group)
+        return (*_sum_dense(ids_U, rows_UD, num_rows, group), True)
     longest = max(counts_r)
     padded_ids = ids_U.new_zeros(longest)
     padded_ids[: ids_U.numel()] = ids_U
@@ -251,7 +260,7 @@ def _sum_over_replicas(ids_U: Tensor, rows_UD: Tensor, num_rows: int, group: Any
     dist.all_gather(all_rows, padded_rows, group=group)
     ids_M = torch.cat([ids[:c] for ids, c in zip(all_ids, counts_r)])
     rows_MD = torch.cat([rows[:c] for rows, c in zip(all_rows, counts_r)])
-    return coalesce_rows(ids_M, rows_MD)
+    return (*coalesce_rows(ids_M, rows_MD), False)
 
 
 def _sum_dense(ids_U: Tensor, rows_UD: Tensor, num_rows: int, group: Any) -> tuple[Tensor, Tensor]:
@@ -265,8 +274,18 @@ def _sum_dense(ids_U: Tensor, rows_UD: Tensor, num_rows: int, group: Any) -> tup
     return ids, buffer_LW.index_select(0, ids)[:, :width]
 
 
-def table_specs(params: list[nn.Parameter], replica_group: Any, shard_group: Any) -> list[TableSpec]:
-    return [TableSpec(p, replica_group, shard_group) for p in params]
+def table_metrics(tables: SparseTableAdamW | None) -> dict[str, float]:
+    """Since the last call (this rank): fraction of held table rows updated per step, and the
+    fraction of replica reductions that used the dense buffer. Counters reset afterwards."""
+    if tables is None:
+        return {}
+    c = tables.counts
+    exchanges = c["sparse_exchanges"] + c["dense_exchanges"]
+    out = {"tables/rows_updated_fraction": c["rows_updated"] / max(c["rows_held"], 1)}
+    if exchanges:
+        out["tables/dense_exchange_fraction"] = c["dense_exchanges"] / exchanges
+    tables.counts = dict.fromkeys(c, 0)
+    return out
 
 
 def clip_scale(norm: float | Tensor | None, max_norm: float) -> float:

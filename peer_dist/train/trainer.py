@@ -37,7 +37,7 @@ from peer_dist.train.metrics import MetricsWriter, evaluate, router_metrics
 from peer_dist.train.faults import FaultPlan
 from peer_dist.train.guard import DataSkips, StepGuard
 from peer_dist.train.signals import PreemptionHandler, requeue_slurm_job
-from peer_dist.train.sparse_tables import clip_scale
+from peer_dist.train.sparse_tables import clip_scale, table_metrics
 
 
 @dataclass
@@ -418,6 +418,7 @@ def _log_interval(cfg: Config, setup: _Setup, loop: _Loop, interval_loss: torch.
     values.update(_system_metrics(setup, loop.streams, elapsed))
     values.update(dispatch_metrics(setup.engine.module, setup.device))
     values.update(router_metrics(setup.engine.module))
+    values.update(table_metrics(table_optimizer(setup.engine)))
     setup.writer.scalars(values, loop.step)
     get_logger().info("step %d  loss %.4f  lr %.2e  tok/s %.0f", loop.step, values["train/loss"], lr,
                       values["train/tokens_per_s"])
