@@ -239,15 +239,15 @@ def _sum_over_replicas(ids_U: Tensor, rows_UD: Tensor, num_rows: int, group: Any
 
     Returns (ids, rows, whether the dense buffer was used).
 
-    Sparse: every rank receives sum_r U_r * (D + 1) values (all_gather, padded to the
-    largest U_r). Dense: a ring all-reduce moves about 2 * L * (D + 1) values per rank.
+    Sparse: every rank receives size * max_r U_r rows of D + 1 values (all_gather, padded
+    to the largest U_r). Dense: a ring all-reduce moves about 2 * L rows per rank.
     """
     size, width = dist.get_world_size(group), rows_UD.shape[1]
     count = torch.tensor([ids_U.numel()], dtype=torch.int64, device=ids_U.device)
     counts = [torch.zeros_like(count) for _ in range(size)]
     dist.all_gather(counts, count, group=group)
     counts_r = [int(c) for c in torch.cat(counts).tolist()]  # NOTE: host sync: sizes of the exchange
-    if sum(counts_r) >= 2 * num_rows:
+    if size * max(counts_r) >= 2 * num_rows:
         return (*_sum_dense(ids_U, rows_UD, num_rows, group), True)
     longest = max(counts_r)
     padded_ids = ids_U.new_zeros(longest)
