@@ -28,7 +28,10 @@ def _engine(rank: int, world: int, tp: int, ep: int, zero: int, update: str = "d
 
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)  # as the trainer does
+    from peer_dist.parallel.env import _skip_shm_comm_build
+
+    _skip_shm_comm_build()  # as the trainer does
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     cfg = load_config(None, [*OVERRIDES, f"parallel.tp={tp}", f"parallel.ep={ep}", f"train.zero_stage={zero}",
                              f"train.expert_update={update}"])
     layout = ParallelLayout(world, tp=tp, ep=ep)
@@ -68,6 +71,8 @@ def _contract_worker(rank: int, world: int, tp: int) -> dict[str, object]:
     out["expert_grad"] = float(experts[0].grad.flatten()[0])
     out["dense_grad"] = float(dense[0].grad.flatten()[0])
     out["deepspeed"] = deepspeed.__version__
+    # 5. no JIT build of DeepSpeed's shared-memory op (its file lock outlives a killed process)
+    out["shm_op"] = deepspeed.comm.comm.cdb.shm_comm_op is None
     return out
 
 
@@ -78,6 +83,7 @@ def test_deepspeed_moe_contract(tp: int) -> None:
     dp = 4 // tp
     for rank, r in enumerate(results):
         assert r["deepspeed"] == "0.19.8"  # the version these private APIs were checked against
+        assert r["shm_op"], "DeepSpeed built its shared-memory op"
         assert r["has_moe"] and r["num_experts"] == [2] and r["expert_params"] == 2, r
         assert sorted(r["ep_group"]) == sorted(r["layout_ep"]) and sorted(r["edp_group"]) == sorted(r["layout_edp"])
         assert r["dp_world"] == dp
