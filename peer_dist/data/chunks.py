@@ -30,6 +30,7 @@ import os
 import resource
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ import numpy as np
 
 from peer_dist.data.corpus import Chunk
 from peer_dist.data.manifest import SAMPLE_EXT
-from peer_dist.data.records import ReadCounts, ReadOptions
+from peer_dist.data.records import DocumentReader, ReadCounts, ReadOptions
 from peer_dist.data.tokenizers import BPETokenizer, ByteTokenizer
 from peer_dist.fileio import sha256_bytes
 
@@ -113,11 +114,12 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
     return result
 
 
-def _batches(chunk: Chunk, options: ReadOptions, counts: ReadCounts):  # -> Iterator[(texts, readers)]
+def _batches(chunk: Chunk, options: ReadOptions,
+             counts: ReadCounts) -> Iterator[tuple[list[str], list[DocumentReader]]]:
     """Documents in groups for one encode call (bounded in count and bytes), with the readers seen."""
     batch: list[str] = []
     size = 0
-    readers: list[Any] = []
+    readers: list[DocumentReader] = []
     for reader, text in chunk.documents(options, counts):
         if not readers or readers[-1] is not reader:
             readers.append(reader)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from peer_dist.data.manifest import Manifest, ReadFailed, ShardInfo, is_remote, read_retrying
 from peer_dist.data.tokenizers import TOKENIZER_FILE
@@ -144,7 +145,7 @@ def describe_problems(problems: list[str], checked: int, root: str) -> str:
             "Re-run `peer-dist prepare` or restore the files")
 
 
-def _bar(total: int, progress: bool):  # -> tqdm | None
+def _bar(total: int, progress: bool) -> Any:
     if not progress:
         return None
     from tqdm import tqdm
