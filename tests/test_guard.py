@@ -262,3 +262,10 @@ def test_data_skips_state_round_trip() -> None:
     assert restored == skips and restored.windows == [(5, 7), (20, 22)]
     assert DataSkips.from_state(None) == DataSkips()
     assert DataSkips.from_state({}) == DataSkips()
+
+
+def test_nonfinite_table_gradients_make_a_finite_loss_step_bad() -> None:
+    guard = StepGuard(GuardConfig(spike_factor=0.0, spike_window=1, max_bad_steps=10))
+    assert not guard.check(1.0, step=1, grads_finite=True)
+    assert guard.check(1.0, step=2, grads_finite=False)  # finite loss, NaN/Inf expert-table gradients
+    assert guard.bad_steps_total == 1 and guard.bad_window == (2, 2)
