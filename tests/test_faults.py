@@ -96,6 +96,16 @@ def test_nan_on_one_rank_skips_that_step_everywhere(tmp_path: Path, tiny_data: P
     last = [r for r in read_metrics(tmp_path / "run") if "train/bad_steps" in r][-1]
     assert last["train/bad_steps"] == 1 and last["train/rollbacks"] == 0
     assert all(torch.isfinite(w).all() for w in weights[6].values())
+    # The skipped step's NaN is no part of the logged training loss: its interval (log_interval=1)
+    # logs no loss, and an interval of 2 holding it logs the good step's loss alone.
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "run") if "train/tokens_per_s" in r}
+    assert "train/loss" not in rows[5] and rows[5]["train/tokens_per_s"] > 0
+    assert all(r["train/loss"] == r["train/loss"] for s, r in rows.items() if s != 5)
+    run_cli(_args(tiny_data, tmp_path, "pairs", [*TWO, 'faults.inject=["nan:step=5:rank=1"]', "train.log_interval=2"]),
+            nproc=2, timeout=280)
+    pairs = {r["step"]: r for r in read_metrics(tmp_path / "pairs") if "train/tokens_per_s" in r}
+    assert pairs[6]["train/loss"] == pytest.approx(rows[6]["train/loss"], rel=1e-6)
+    assert pairs[4]["train/loss"] == pytest.approx((rows[3]["train/loss"] + rows[4]["train/loss"]) / 2, rel=1e-6)
 
 
 def test_repeated_nans_roll_back_and_skip_the_window_deterministically(tmp_path: Path, tiny_data: Path) -> None:

@@ -134,6 +134,18 @@ def test_kill9_resumes_exactly_from_the_last_checkpoint(tmp_path: Path, tiny_dat
     assert first.returncode == -signal.SIGKILL
     _resume(tmp_path, tiny_data, extra, 1)
     _assert_matches(run, uninterrupted["one"])
+    _assert_logged_once(run)
+
+
+def _assert_logged_once(run: Path) -> None:
+    """Every step's training loss appears once in metrics.jsonl and in TensorBoard: the steps an
+    interrupted process had logged after its last checkpoint were dropped when they were trained again."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, STEPS + 1))
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
 
 
 TWO_RANK = {"dp2": ["train.micro_batch_size=4"], "ep2": ["train.micro_batch_size=4", "parallel.ep=2"]}

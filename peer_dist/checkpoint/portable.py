@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 from peer_dist.errors import CheckpointError
 from peer_dist.parallel.layout import ParallelLayout
-from peer_dist.train.engine import table_optimizer
 
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
 DENSE_FILE = "dense.pt"
@@ -82,6 +81,11 @@ def _full_value(p: Tensor, optimizer: Any, key: str | None) -> Tensor:
         return p.detach().float().cpu()
     state = optimizer.state.get(p, {})
     return state[key].detach().float().cpu() if key in state else torch.zeros(p.shape)
+
+
+def _table_optimizer(engine: Any) -> Any:
+    """The engine's row-sparse table optimizer (peer_dist.train.sparse_tables), or None."""
+    return getattr(engine, "table_optimizer", None)
 
 
 def _table_values(p: Tensor, tables: Any) -> dict[str, Tensor]:
@@ -139,7 +143,7 @@ def collect_portable(engine: Any, layout: ParallelLayout, tp_group: Any, copy: b
     them while training goes on; without copies fp32 CPU parameters would be shared).
     """
     rank = dist.get_rank()
-    model, optimizer, tables = engine.module, engine.optimizer, table_optimizer(engine)
+    model, optimizer, tables = engine.module, engine.optimizer, _table_optimizer(engine)
     link_optimizer_states(optimizer)
     shardings = _expert_shardings(model)
     writes_experts = layout.tp_rank(rank) == 0 and layout.dp_index(rank) < layout.ep
@@ -224,7 +228,7 @@ def _tp_slice(value: Tensor, dim: int, layout: ParallelLayout, rank: int) -> Ten
 def load_portable(folder: Path, engine: Any, layout: ParallelLayout) -> int:
     """Put the saved model and optimizer state into ``engine`` at THIS layout; returns Adam's step count."""
     rank = dist.get_rank()
-    model, optimizer, tables = engine.module, engine.optimizer, table_optimizer(engine)
+    model, optimizer, tables = engine.module, engine.optimizer, _table_optimizer(engine)
     saved = torch.load(folder / DENSE_FILE, map_location="cpu", weights_only=False)
     step_count = saved["step_count"]
     link_optimizer_states(optimizer)

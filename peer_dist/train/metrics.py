@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,19 +22,34 @@ from peer_dist.model.peer import usage_metrics
 
 class MetricsWriter:
     """Scalars from rank 0 into TensorBoard and ``metrics.jsonl`` (one JSON object per
-    call: ``{"step": ..., tag: value, ...}``). A no-op on the other ranks."""
+    call: ``{"step": ..., tag: value, ...}``). A no-op on the other ranks.
 
-    def __init__(self, log_dir: Path, jsonl_path: Path, enabled: bool, tensorboard: bool = True) -> None:
-        self.log_dir = log_dir
+    ``resume_step``: the step training continues after (0 for a new run). Whatever an
+    earlier process logged after it is dropped - the rows of ``metrics.jsonl`` and, through
+    TensorBoard's ``purge_step``, its events - because those steps are trained again.
+    """
+
+    def __init__(self, log_dir: Path, jsonl_path: Path, enabled: bool, tensorboard: bool = True,
+                 resume_step: int = 0) -> None:
+        self.log_dir, self._jsonl_path = log_dir, jsonl_path
+        self._enabled, self._tensorboard = enabled, tensorboard
         self._writer = None
         self._jsonl = None
         if enabled:
             jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(jsonl_path, "a")
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+            self.rewind(resume_step)
 
-                self._writer = SummaryWriter(log_dir=str(log_dir))
+    def rewind(self, step: int) -> None:
+        """Forget everything logged after ``step`` (a resume or a rollback trains those steps again)."""
+        if not self._enabled:
+            return
+        self.close()
+        _drop_rows_after(self._jsonl_path, step)
+        self._jsonl = open(self._jsonl_path, "a")
+        if self._tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=step + 1)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self._jsonl is None:
@@ -49,6 +65,24 @@ class MetricsWriter:
         for handle in (self._writer, self._jsonl):
             if handle is not None:
                 handle.close()
+        self._writer = self._jsonl = None
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite ``path`` (atomically) without the rows logged after ``step``, and without a torn last line."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a process killed mid-write
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 @torch.no_grad()

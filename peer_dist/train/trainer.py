@@ -183,6 +183,7 @@ class _Loop:
     batches: Any = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     interval_start: float = 0.0
+    interval_steps: int = 0  # steps since the last log line, bad ones included (throughput)
 
     @property
     def step(self) -> int:
@@ -196,7 +197,7 @@ def _train(cfg: Config, setup: _Setup, stop: PreemptionHandler) -> TrainResult:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.toml").write_text(dump_toml(cfg))
     setup.writer = MetricsWriter(cfg.run_dir / "tensorboard", cfg.run_dir / "metrics.jsonl", enabled=env.is_main,
-                                 tensorboard=cfg.run.tensorboard)
+                                 tensorboard=cfg.run.tensorboard, resume_step=saved["step"])
     loop = _Loop(_counters(saved), StepGuard(cfg.guard), DataSkips.from_state(saved.get("data_skips")),
                  FaultPlan.from_config(cfg.faults, marker_dir=cfg.run_dir / "faults"))
     loop.plan.check_world(env.world)
@@ -207,7 +208,7 @@ def _train(cfg: Config, setup: _Setup, stop: PreemptionHandler) -> TrainResult:
              cfg.run.name, env.world, setup.layout.describe(), _global_batch(cfg, setup.layout),
              setup.manifest.seq_len, loop.step, t.max_steps, f"; faults: {loop.plan.describe()}" if loop.plan else "")
     progress = _progress_bar(cfg, env, loop.step)
-    interval_loss = torch.zeros(2, dtype=torch.float64, device=setup.device)  # [loss sum, steps]
+    interval_loss = torch.zeros(2, dtype=torch.float64, device=setup.device)  # [loss sum, good steps]
     loop.interval_start = time.perf_counter()
     while loop.step < t.max_steps:
         step_loss, grad_norm, bad = _train_step(cfg, setup, loop)
@@ -215,10 +216,16 @@ def _train(cfg: Config, setup: _Setup, stop: PreemptionHandler) -> TrainResult:
         step = loop.step
         if bad and loop.guard.needs_rollback:
             _rollback(cfg, setup, loop)
+            interval_loss.zero_()
+            loop.interval_steps, loop.interval_start = 0, time.perf_counter()
+            setup.writer.rewind(loop.step)  # the steps after the checkpoint are trained again
             if progress is not None:
                 progress.n = loop.step
             continue
-        interval_loss += torch.stack([step_loss.double(), torch.ones((), dtype=torch.float64, device=setup.device)])
+        loop.interval_steps += 1
+        if not bad:  # a skipped step's loss (NaN, Inf or a spike) is no part of the training loss
+            interval_loss += torch.stack([step_loss.double(), torch.ones((), dtype=torch.float64,
+                                                                         device=setup.device)])
         if step % t.log_interval == 0 or step == t.max_steps:
             _log_interval(cfg, setup, loop, interval_loss, grad_norm)
             interval_loss.zero_()
@@ -398,19 +405,24 @@ def _advance(cfg: Config, setup: _Setup, loop: _Loop) -> None:
 
 
 def _log_interval(cfg: Config, setup: _Setup, loop: _Loop, interval_loss: torch.Tensor, grad_norm: Any) -> None:
-    """Log the interval's mean loss (over its good steps and all ranks); one host sync per interval."""
+    """Log the interval's mean loss (over its good steps and all ranks); one host sync per interval.
+
+    An interval whose steps were all skipped as bad logs no ``train/loss``.
+    """
     # Every rank's step loss is a mean over the same number of tokens, so summing
-    # [loss, 1] over steps and ranks and dividing gives the mean over the global batches.
+    # [loss, 1] over good steps and ranks and dividing gives the mean over the global batches.
     dist.all_reduce(interval_loss)
     loss_sum, count = interval_loss.tolist()  # NOTE: host sync (once per log interval)
-    steps = round(count / setup.env.world)
+    steps, loop.interval_steps = loop.interval_steps, 0  # every step read and trained on its tokens
     elapsed = time.perf_counter() - loop.interval_start
     lr = setup.engine.get_lr()[0]
     tokens_per_step = _global_batch(cfg, setup.layout) * setup.manifest.seq_len
     tokens_per_s = tokens_per_step * steps / elapsed
-    values = {"train/loss": loss_sum / max(count, 1), "train/lr": lr, "train/tokens_per_s": tokens_per_s,
+    values = {"train/lr": lr, "train/tokens_per_s": tokens_per_s,
               "train/model_flops_per_s": tokens_per_s * setup.flops_per_token,
               "train/bad_steps": float(loop.guard.bad_steps_total), "train/rollbacks": float(loop.guard.rollbacks)}
+    if count > 0:
+        values["train/loss"] = loss_sum / count
     if grad_norm is not None:  # the norm of the interval's last step
         values["train/grad_norm"] = float(grad_norm)
     if cfg.train.peak_flops > 0:  # model FLOP utilisation over every rank's device
@@ -420,9 +432,11 @@ def _log_interval(cfg: Config, setup: _Setup, loop: _Loop, interval_loss: torch.
     values.update(router_metrics(setup.engine.module))
     values.update(table_metrics(table_optimizer(setup.engine)))
     setup.writer.scalars(values, loop.step)
-    get_logger().info("step %d  loss %.4f  lr %.2e  tok/s %.0f", loop.step, values["train/loss"], lr,
-                      values["train/tokens_per_s"])
-    loop.losses.append((loop.step, values["train/loss"]))
+    loss = values.get("train/loss", float("nan"))
+    get_logger().info("step %d  loss %s  lr %.2e  tok/s %.0f", loop.step,
+                      f"{loss:.4f}" if count > 0 else "- (all steps skipped)", lr, values["train/tokens_per_s"])
+    if count > 0:
+        loop.losses.append((loop.step, loss))
     loop.interval_start = time.perf_counter()
 
 
