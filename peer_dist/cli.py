@@ -220,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"peer-dist {args.command}: error: {exc}", file=sys.stderr)
         code = EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, eval, prepare, ...)
+        print(f"peer-dist {args.command}: interrupted", file=sys.stderr)
+        code = 130
     env = sys.modules.get("peer_dist.parallel.env")  # imported by every command that joins a process group
     if env is not None:
         env.end_process(code)  # returns only where no process group was joined

@@ -134,7 +134,8 @@ class TrainConfig:
     progress: bool = True  # progress bar on rank 0
     peak_flops: float = _at_least(0.0, 0.0)  # peak FLOP/s of one rank's device, for train/mfu (0: not logged)
     # Signals that stop training cleanly: finish the step, checkpoint, exit 75 (requeue under Slurm).
-    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # SIGINT is Ctrl-C; a second Ctrl-C aborts at once (exit 130).
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
 
 
 @dataclass

@@ -69,7 +69,12 @@ def _interrupt(tmp: Path, data: Path, extra: list[str], nproc: int, how: str, at
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, no chance to clean up
     else:
         target = proc.pid if nproc == 1 else _worker_pids(proc.pid)[signalled_rank]
-        os.kill(target, signal.SIGTERM if how == "sigterm" else signal.SIGUSR1)
+        sig = {"sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1, "sigint": signal.SIGINT,
+               "sigint2": signal.SIGINT}[how]
+        os.kill(target, sig)
+        if how == "sigint2":  # Ctrl-C twice (the run hangs after at_step: the second one finds it busy)
+            time.sleep(1.0)
+            os.kill(target, sig)
     out, err = proc.communicate(timeout=240)
     return run, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
@@ -120,6 +125,39 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path, tiny_d
     run, first = _interrupt(tmp_path, tiny_data, extra, 1, "sigterm", at_step=4)
     assert first.returncode == 75, first.stderr[-3000:]
     assert 4 <= _stopped_step(run, first) < STEPS  # the finished step, not the last interval checkpoint
+    _resume(tmp_path, tiny_data, extra, 1)
+    _assert_matches(run, uninterrupted["one"])
+
+
+@pytest.mark.timeout(400)
+def test_ctrl_c_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path, tiny_data: Path,
+                                                         uninterrupted: dict[str, Path]) -> None:
+    extra = ["train.micro_batch_size=8"]
+    run, first = _interrupt(tmp_path, tiny_data, extra, 1, "sigint", at_step=4)
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert "Traceback" not in first.stderr and "KeyboardInterrupt" not in first.stderr
+    assert "Ctrl-C: finishing the step and writing a checkpoint" in first.stderr
+    assert 4 <= _stopped_step(run, first) < STEPS
+    _resume(tmp_path, tiny_data, extra, 1)
+    _assert_matches(run, uninterrupted["one"])
+
+
+@pytest.mark.timeout(400)
+def test_second_ctrl_c_aborts_at_once_and_keeps_the_last_checkpoint(tmp_path: Path, tiny_data: Path,
+                                                                    uninterrupted: dict[str, Path]) -> None:
+    from peer_dist.checkpoint.store import list_checkpoints, verify
+
+    extra = ["train.micro_batch_size=8"]
+    # A 60 s stall after step 4 (as a slow save or a stuck filesystem would): the first Ctrl-C is
+    # recorded, the second one ends the process at once instead of waiting for the step to finish.
+    run, first = _interrupt(tmp_path, tiny_data, [*extra, 'faults.inject=["hang:step=4:seconds=60"]'], 1,
+                            "sigint2", at_step=4)
+    assert first.returncode == 130, first.stderr[-3000:]
+    assert "second Ctrl-C: aborting now" in first.stderr and "Traceback" not in first.stderr
+    assert "stopped on a signal" not in first.stdout  # no checkpoint of its own: it left at once
+    ckpts = list_checkpoints(run / "checkpoints")
+    assert ckpts and all(verify(c) is None for c in ckpts)  # step 3 (at least) committed and intact
+    assert max(_losses_by_step(run)) == 4  # it never got past the stalled step: something is left to resume
     _resume(tmp_path, tiny_data, extra, 1)
     _assert_matches(run, uninterrupted["one"])
 

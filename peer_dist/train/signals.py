@@ -43,8 +43,16 @@ from peer_dist.log import get_logger
 # RequeueExit=75 in slurm.conf.
 EXIT_PREEMPTED = 75
 
-DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
+DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+# Exit code of a second Ctrl-C: abort at once (128 + SIGINT, as a shell reports it).
+EXIT_ABORTED = 130
 _UNCATCHABLE = {"SIGKILL", "SIGSTOP"}
+
+
+def _say(text: str) -> None:
+    """One line on stderr from rank 0 (or a process without a rank), safe inside a signal handler."""
+    if os.environ.get("RANK", "0") == "0":
+        os.write(2, text.encode())
 
 
 def parse_signal(name: str | int) -> signal.Signals:
@@ -83,6 +91,7 @@ class PreemptionHandler:
         self._local = False
         self._previous: dict[signal.Signals, Any] = {}
         self._reported = False
+        self._interrupted = False  # a first SIGINT (Ctrl-C) arrived
 
     def install(self) -> PreemptionHandler:
         if threading.current_thread() is not threading.main_thread():
@@ -105,7 +114,16 @@ class PreemptionHandler:
         self.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # Only assignments: safe whatever the main thread was doing.
+        # Only assignments and os.write: safe whatever the main thread was doing.
+        if signum == signal.SIGINT and self._interrupted:
+            # A second Ctrl-C: leave now. Checkpoints are committed atomically (a temporary
+            # folder renamed into place), so the last committed one stays intact.
+            _say("\npeer-dist: second Ctrl-C: aborting now; the last committed checkpoint is kept\n")
+            os._exit(EXIT_ABORTED)
+        if signum == signal.SIGINT:
+            self._interrupted = True
+            _say("\npeer-dist: Ctrl-C: finishing the step and writing a checkpoint "
+                 "(Ctrl-C again aborts at once)\n")
         if self.received is None:
             self.received = signal.Signals(signum)
         self._local = True
