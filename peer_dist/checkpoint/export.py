@@ -41,6 +41,8 @@ def export_checkpoint(source: str | Path, output: str | Path, overwrite: bool = 
 
     ckpt = resolve_checkpoint(source)
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise CheckpointError(f"--output {output} is a file; give a folder for {WEIGHTS} and {CONFIG}")
     if (output / WEIGHTS).exists() and not overwrite:
         raise CheckpointError(f"{output} already holds an export; pass --overwrite to replace it")
     state = {name: t.detach().contiguous() for name, t in load_module_state(ckpt).items()}

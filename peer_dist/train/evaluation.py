@@ -15,7 +15,7 @@ from peer_dist.checkpoint.export import Export, open_export
 from peer_dist.checkpoint.store import load_module_state, resolve_checkpoint
 from peer_dist.config import from_dict, validate
 from peer_dist.data import Manifest, val_batches
-from peer_dist.errors import CheckpointError, DataError
+from peer_dist.errors import CheckpointError, ConfigError, DataError
 from peer_dist.log import get_logger, setup_logging
 from peer_dist.model import build_model
 from peer_dist.parallel.env import detect_env, finish_distributed, init_distributed, pick_backend, pick_device
@@ -24,6 +24,9 @@ from peer_dist.train.metrics import evaluate
 
 def run_eval(checkpoint: str | Path, data_path: str | None = None, batch_size: int | None = None,
              max_batches: int | None = None, device: str = "auto") -> dict[str, float]:
+    for flag, value in (("--batch-size", batch_size), ("--batches", max_batches)):
+        if value is not None and value < 1:  # 0 batches would "evaluate" to perplexity 1.000
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     env = detect_env()
     setup_logging(env.rank)
     ckpt = open_export(Path(checkpoint)) or resolve_checkpoint(checkpoint)
@@ -37,8 +40,14 @@ def run_eval(checkpoint: str | Path, data_path: str | None = None, batch_size: i
                         "(manifest fingerprints differ); pass --data to evaluate on other data on purpose")
     torch_device = pick_device(device, env)
     init_distributed(env, pick_backend("auto", torch_device))
-    model = build_model(cfg.model, cfg.model.vocab_size or manifest.vocab_size)
     weights = ckpt.state_dict() if isinstance(ckpt, Export) else load_module_state(ckpt)
+    vocab = weights["embed.weight"].shape[0] if "embed.weight" in weights else cfg.model.vocab_size
+    # The model's vocabulary came from its training data (model.vocab_size = 0) or was set
+    # larger: other data must use a tokenizer of the same size, or at most the set size.
+    if manifest.vocab_size > vocab or (cfg.model.vocab_size == 0 and manifest.vocab_size != vocab):
+        raise DataError(f"data at {data_dir} uses a tokenizer of {manifest.vocab_size} ids, the model of "
+                        f"{ckpt.path} has {vocab}: evaluate on data prepared with the checkpoint's tokenizer")
+    model = build_model(cfg.model, vocab)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt.path} does not match its config: missing {missing[:3]}, "

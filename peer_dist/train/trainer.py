@@ -135,6 +135,10 @@ def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
     if ckpt is None:
         return {"step": 0, "consumed_samples": 0, "consumed_tokens": 0}
     state = ckpt.trainer_state()
+    if state["step"] > cfg.train.max_steps:
+        raise ConfigError(f"train.max_steps={cfg.train.max_steps} is below the step of the checkpoint to resume "
+                          f"({ckpt.path.name}, step {state['step']}): raise train.max_steps to continue, or pick a "
+                          "new run.name to start over")
     for key, value in expected.items():
         if state.get(key) != value:
             hint = ("micro_batch_size x grad_accum x (world / parallel.tp) must stay the same"

@@ -1,0 +1,57 @@
+"""User errors of eval, export and resume: one line naming the flag or key, exit 2, nothing changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peer_dist.errors import EXIT_USER_ERROR
+from tests.helpers import run_cli
+from tests.test_train import TINY
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("trained")
+    run_cli(["train", *TINY, f"data.path={tiny_data}", f"run.dir={tmp}", "run.name=run"])
+    return tmp / "run"
+
+
+def _error(args: list[str]) -> str:
+    proc = run_cli(args, check=False)
+    assert proc.returncode == EXIT_USER_ERROR, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "perplexity" not in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag,value", [("--batches", "0"), ("--batch-size", "-1")])
+def test_eval_needs_at_least_one_batch_of_one_sample(trained: Path, flag: str, value: str) -> None:
+    assert f"{flag} must be >= 1, got {value}" in _error(["eval", str(trained), flag, value])
+
+
+def test_eval_on_data_of_another_tokenizer_names_both_sizes(trained: Path, tmp_path: Path) -> None:
+    from peer_dist.data import prepare
+
+    other = tmp_path / "bpe"
+    prepare([], other, tokenizer="bpe", vocab_size=300, seq_len=32, samples_per_shard=64, val_fraction=0.1,
+            seed=0, max_bytes=100_000)
+    line = _error(["eval", str(trained), "--data", str(other)])
+    assert "tokenizer of 300 ids" in line and "has 257" in line
+
+
+def test_export_onto_a_file_is_refused_and_the_file_kept(trained: Path, tmp_path: Path) -> None:
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"keep me")
+    assert "is a file" in _error(["export", str(trained), "-o", str(target)])
+    assert target.read_bytes() == b"keep me"
+
+
+def test_resume_with_max_steps_below_the_checkpoint_is_refused(trained: Path, tiny_data: Path) -> None:
+    config = (trained / "config.toml").read_text()
+    line = _error(["train", *TINY, f"data.path={tiny_data}", f"run.dir={trained.parent}", "run.name=run",
+                   "train.max_steps=2"])
+    assert "train.max_steps=2 is below the step of the checkpoint" in line and "step 4" in line
+    assert (trained / "config.toml").read_text() == config  # nothing rewritten
