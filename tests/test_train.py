@@ -129,3 +129,19 @@ def test_resume_refuses_a_different_run(tmp_path: Path, tiny_data: Path, referen
                     "train.micro_batch_size=8", "train.lr=0.1"], check=False)
     assert proc.returncode == 2 and "config_hash" in proc.stderr, proc.stderr[-2000:]
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_output_to_a_log_file_is_lines_and_a_summary(tmp_path: Path, tiny_data: Path) -> None:
+    """Not a terminal (as under Slurm or nohup): no progress-bar frames, no DeepSpeed accelerator
+    guess, and the summary names the tokens trained, the wall time and the final checkpoint."""
+    import json
+
+    proc = run_cli(["train", *TINY, f"data.path={tiny_data}", f"run.dir={tmp_path}", "run.name=log",
+                    "train.progress=true"])
+    assert "step/s" not in proc.stderr and "|" not in proc.stderr  # tqdm's frame: "log: 50%|#####| 2/4 ..."
+    assert "Setting accelerator to CPU" not in proc.stderr + proc.stdout
+    summary = json.loads(proc.stdout.split("summary: ")[1].splitlines()[0])
+    # 4 steps x global batch 8 x 32 tokens (TINY on tiny_data: micro-batch 8, one process)
+    assert summary["tokens"] == 4 * 8 * 32 and summary["wall_s"] > 0
+    assert Path(summary["checkpoint"]).name == "step_000004" and Path(summary["checkpoint"]).is_dir()
+    assert f"trained {4 * 8 * 32:,} tokens to step 4" in proc.stdout

@@ -132,7 +132,10 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0) -> No
             f"the launcher ({env.launcher}) reports world size {env.world} but the process group has "
             f"{dist.get_world_size()}; every process must see the same launcher variables"
         )
-    # DeepSpeed keeps its own handle on the process group; it reuses the one we made.
+    # DeepSpeed keeps its own handle on the process group; it reuses the one we made. Without
+    # CUDA, name its accelerator: otherwise every rank prints that it guessed one.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     _skip_shm_comm_build()

@@ -48,6 +48,9 @@ class TrainResult:
     tensorboard_dir: Path
     losses: list[tuple[int, float]]  # (step, mean training loss of the log interval ending there)
     preempted: bool = False  # stopped on a signal after a checkpoint; the run resumes on restart
+    tokens: int = 0  # training tokens consumed by the end (all ranks, since the run began)
+    checkpoint: Path | None = None  # the final checkpoint
+    wall_s: float = 0.0  # this process's training time, set-up to the final checkpoint
 
 
 @dataclass
@@ -61,6 +64,7 @@ class _Setup:
     writer: MetricsWriter | None = None  # created once resume has checked the run folder
     update_s: float = 0.0  # time in optimizer updates since the last log line
     flops_per_token: float = 0.0  # training FLOPs per token of the model (peer_dist/model/flops.py)
+    started: float = 0.0  # time.perf_counter() when set-up began
     state_buffers: list[str] | None = None  # persistent buffer names, see _state_buffers
 
 
@@ -92,6 +96,7 @@ def _set_up(cfg: Config) -> _Setup:
     finally the batch statistics (query BatchNorms, MoE router losses) are summed over
     the data-parallel group.
     """
+    started = time.perf_counter()
     env = detect_env()
     setup_logging(env.rank)
     layout = ParallelLayout(env.world, tp=cfg.parallel.tp, ep=cfg.parallel.ep)  # fails before any work
@@ -113,7 +118,7 @@ def _set_up(cfg: Config) -> _Setup:
         sync_batch_statistics(model, groups._get_data_parallel_group())
     get_logger().info("parallel layout: %s", layout.describe())
     flops = model_flops_per_token(cfg.model, vocab, manifest.seq_len)
-    return _Setup(env, layout, device, manifest, model, engine, flops_per_token=flops)
+    return _Setup(env, layout, device, manifest, model, engine, flops_per_token=flops, started=started)
 
 
 def seed_everything(seed: int) -> None:
@@ -245,8 +250,10 @@ def _train(cfg: Config, setup: _Setup, stop: PreemptionHandler) -> TrainResult:
     if progress is not None:
         progress.close()
     metrics = _validate(cfg, setup, loop.step)
-    _save(cfg, setup, loop, final=True)
-    result = TrainResult(loop.step, metrics, cfg.run_dir, setup.writer.log_dir, loop.losses)
+    final = _save(cfg, setup, loop, final=True)
+    result = TrainResult(loop.step, metrics, cfg.run_dir, setup.writer.log_dir, loop.losses,
+                         tokens=loop.state["consumed_tokens"], checkpoint=final,
+                         wall_s=time.perf_counter() - setup.started)
     _print_summary(result, env)
     return result
 
@@ -479,7 +486,7 @@ def _validate(cfg: Config, setup: _Setup, step: int) -> dict[str, float]:
     return metrics
 
 
-def _save(cfg: Config, setup: _Setup, loop: _Loop, final: bool = False) -> None:
+def _save(cfg: Config, setup: _Setup, loop: _Loop, final: bool = False) -> Path:
     """Checkpoint the finished step; interval saves go to the background with train.async_save."""
     rank, asynchronous = setup.env.rank, cfg.train.async_save and not final
     trainer_state = dict(loop.state, config_hash=config_hash(cfg), data_fingerprint=setup.manifest.fingerprint,
@@ -496,6 +503,7 @@ def _save(cfg: Config, setup: _Setup, loop: _Loop, final: bool = False) -> None:
     loop.guard.note_checkpoint()
     if not asynchronous:  # corrupt_checkpoint faults act on committed checkpoints
         loop.plan.after_save(loop.step, rank, path)
+    return path
 
 
 def _layout_state(layout: ParallelLayout) -> dict[str, int]:
@@ -507,7 +515,10 @@ def _progress_bar(cfg: Config, env: DistEnv, start: int) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.train.max_steps, initial=start, desc=cfg.run.name, unit="step", dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (Slurm, nohup, a pipe): one frame per
+    # step would flood the log, which gets the log_interval lines instead.
+    return tqdm(total=cfg.train.max_steps, initial=start, desc=cfg.run.name, unit="step", dynamic_ncols=True,
+                disable=None)
 
 
 def _print_summary(result: TrainResult, env: DistEnv) -> None:
@@ -515,8 +526,11 @@ def _print_summary(result: TrainResult, env: DistEnv) -> None:
         return
     summary = {"step": result.step, "val_loss": round(result.metrics["val/loss"], 4),
                "val_perplexity": round(result.metrics["val/perplexity"], 3),
-               "run_dir": str(result.run_dir), "tensorboard": str(result.tensorboard_dir)}
+               "run_dir": str(result.run_dir), "tensorboard": str(result.tensorboard_dir),
+               "checkpoint": str(result.checkpoint), "tokens": result.tokens, "wall_s": round(result.wall_s, 1)}
     summary.update({k: round(v, 4) for k, v in result.metrics.items() if k.startswith("experts/")})
     print(f"validation perplexity: {summary['val_perplexity']}  (loss {summary['val_loss']})")
     print(f"TensorBoard logs: {result.tensorboard_dir}   (tensorboard --logdir {result.tensorboard_dir})")
+    print(f"trained {result.tokens:,} tokens to step {result.step} in {result.wall_s:.0f} s; "
+          f"final checkpoint: {result.checkpoint}")
     print("summary: " + json.dumps(summary))
