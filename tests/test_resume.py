@@ -61,8 +61,15 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float 
 
 def _interrupt(tmp: Path, data: Path, extra: list[str], nproc: int, how: str, at_step: int,
                signalled_rank: int = 0) -> tuple[Path, subprocess.CompletedProcess]:
-    """Start a run, interrupt it once it logged ``at_step``; returns the run folder and how it ended."""
+    """Start a run, interrupt it once it logged ``at_step``; returns the run folder and how it ended.
+
+    Rank 0 stalls for 5 s right after logging ``at_step`` (an injected hang), so the
+    interruption lands while steps remain: a fast run could otherwise finish its last
+    steps before the signal arrives, and there would be nothing to resume.
+    """
     run = tmp / "interrupted"
+    if not any(word.startswith("faults.inject=") for word in extra):
+        extra = [*extra, f'faults.inject=["hang:step={at_step}:rank=0:seconds=5"]']
     proc = _start(_args(data, tmp, "interrupted", extra), nproc)
     _wait_for_step(run, at_step, proc)
     if how == "kill9":
