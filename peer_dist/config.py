@@ -8,6 +8,7 @@ its hash (:func:`config_hash`) identifies the run for resume checks.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -410,14 +411,32 @@ RESUME_SAFE_KEYS = (
 def config_hash(cfg: Config) -> str:
     """sha256 (16 hex digits) of the config minus :data:`RESUME_SAFE_KEYS`; a resume
     whose hash differs from the checkpoint's would mix incompatible runs."""
-    data = to_dict(cfg)
+    return hashlib.sha256(json.dumps(_hashed_keys(to_dict(cfg)), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _hashed_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a config as nested dicts) without the :data:`RESUME_SAFE_KEYS`."""
+    data = copy.deepcopy(data)
     for key in RESUME_SAFE_KEYS:
         *parents, leaf = key.split(".")
         node = data
         for part in parents:
-            node = node[part]
-        node.pop(leaf)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return data
+
+
+def hashed_differences(saved: Config, cfg: Config) -> list[str]:
+    """The keys outside :data:`RESUME_SAFE_KEYS` where two configs differ, as
+    ``"section.key: saved -> now"`` (why a resume with ``cfg`` is refused)."""
+    def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    before, now = flat(_hashed_keys(to_dict(saved))), flat(_hashed_keys(to_dict(cfg)))
+    return [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(before) if before[key] != now[key]]
 
 
 def dump_toml(cfg: Config) -> str:

@@ -128,6 +128,9 @@ def test_resume_refuses_a_different_run(tmp_path: Path, tiny_data: Path, referen
     proc = run_cli(["train", *TINY, f"data.path={tiny_data}", f"run.dir={tmp_path}", "run.name=ref",
                     "train.micro_batch_size=8", "train.lr=0.1"], check=False)
     assert proc.returncode == 2 and "config_hash" in proc.stderr, proc.stderr[-2000:]
+    # the message names the key that differs (the batch split is resume-safe, lr is not)
+    assert "keys that differ: train.lr: " in proc.stderr and "-> 0.1" in proc.stderr, proc.stderr[-2000:]
+    assert "micro_batch_size:" not in proc.stderr
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 

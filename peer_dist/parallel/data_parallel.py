@@ -19,13 +19,9 @@ from __future__ import annotations
 from functools import partial
 
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
-from torch import Tensor, nn
+from torch import nn
 
-
-def _all_reduce_sum(stats: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    # Autograd-aware: the backward of a sum all-reduce is a sum all-reduce of the grads.
-    return dist_fn.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+from peer_dist.parallel.collectives import all_reduce_sum
 
 
 def sync_batch_statistics(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
@@ -33,6 +29,6 @@ def sync_batch_statistics(model: nn.Module, group: dist.ProcessGroup | None = No
     count = 0
     for module in model.modules():
         if hasattr(module, "reduce_stats"):
-            module.reduce_stats = partial(_all_reduce_sum, group=group)
+            module.reduce_stats = partial(all_reduce_sum, group=group)
             count += 1
     return count

@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +140,7 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0) -> No
     import deepspeed
 
     _skip_shm_comm_build()
+    _hide_deepspeed_collective_deprecations()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
 
@@ -154,6 +156,18 @@ def _skip_shm_comm_build() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _hide_deepspeed_collective_deprecations() -> None:
+    """Silence torch's FutureWarning for the collectives DeepSpeed's ZeRO still calls.
+
+    torch 2.13 deprecates ``all_gather_into_tensor`` and ``reduce_scatter_tensor``; ZeRO 1/2
+    calls them every step and every rank printed the warning. Our own code uses neither,
+    and a user cannot act on a dependency's deprecation.
+    """
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning)
 
 
 def end_process(code: int) -> None:

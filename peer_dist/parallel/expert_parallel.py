@@ -20,7 +20,7 @@ A layer's forward in named phases (Megatron-Core style), each all_to_all in its 
 4. combine    ``_return_partials`` sends the partial rows back; the source adds them
               per token (index_add).
 
-Backward runs through :class:`_AllToAll`, whose backward is the all_to_all with
+Backward runs through :func:`peer_dist.parallel.collectives.all_to_all`, whose backward is the all_to_all with
 the splits swapped. Every rank enters every collective, also with zero rows.
 Bytes per token: 2 * D * (destinations per token) values for the rows, plus per
 slot its gate (one value) and its expert row (int32), plus one int32 per pair; the
@@ -48,38 +48,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from peer_dist.model.expert_ops import ExpertRouting
+from peer_dist.parallel.collectives import all_to_all
 from peer_dist.parallel.layout import ParallelLayout, check_deepspeed_groups
 
 _INT_BYTES = 4  # slot counts and expert rows travel as int32; the E x 2 counts as int64
-
-
-# ---------------------------------------------------------------------------- collectives
-
-
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single along dim 0 with autograd: the backward swaps the splits."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        out_splits, in_splits = ctx.splits
-        grad_in = grad_out.new_empty((sum(in_splits), *grad_out.shape[1:]))
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group)
-        return grad_in, None, None, None
-
-
-def _all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> Tensor:
-    if x.requires_grad:
-        return _AllToAll.apply(x, out_splits, in_splits, group)
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
 
 
 # ---------------------------------------------------------------------------- the phases
@@ -146,7 +118,7 @@ def _exchange_slots(plan: _Plan, received: _Received, group: Any) -> None:
     send = torch.cat([t for c, r in zip(count_parts, row_parts) for t in (c, r)])
     in_splits = [p + s for p, s in zip(plan.send_pairs, plan.send_slots)]
     out_splits = [p + s for p, s in zip(received.recv_pairs, received.recv_slots)]
-    recv = _all_to_all(send, out_splits, in_splits, group)
+    recv = all_to_all(send, out_splits, in_splits, group)
     counts, rows = [], []
     for part, pairs in zip(recv.split(out_splits), received.recv_pairs):
         counts.append(part[:pairs])
@@ -172,7 +144,7 @@ def _exchange_payload(x_TD: Tensor, gates_TJ: Tensor, plan: _Plan, received: _Re
     send = torch.cat([t for r, g in zip(row_parts, gate_parts) for t in (r.reshape(-1), g)])
     in_splits = [p * d_model + s for p, s in zip(plan.send_pairs, plan.send_slots)]
     out_splits = [p * d_model + s for p, s in zip(received.recv_pairs, received.recv_slots)]
-    recv = _all_to_all(send, out_splits, in_splits, group)
+    recv = all_to_all(send, out_splits, in_splits, group)
     rows, gates = [], []
     for part, pairs in zip(recv.split(out_splits), received.recv_pairs):
         rows.append(part[: pairs * d_model].view(pairs, d_model))
@@ -183,7 +155,7 @@ def _exchange_payload(x_TD: Tensor, gates_TJ: Tensor, plan: _Plan, received: _Re
 def _return_partials(partial_RD: Tensor, plan: _Plan, received: _Received, num_tokens: int,
                      group: Any) -> Tensor:
     """Combine: partial rows go back to their sources and are summed per token, (T, D)."""
-    back_CD = _all_to_all(partial_RD, plan.send_pairs, received.recv_pairs, group)
+    back_CD = all_to_all(partial_RD, plan.send_pairs, received.recv_pairs, group)
     out_TD = back_CD.new_zeros(num_tokens, partial_RD.shape[1])
     return out_TD.index_add(0, plan.pair_token_C, back_CD)
 

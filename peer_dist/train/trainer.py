@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from peer_dist.checkpoint.store import latest_good, load_engine_state, save_checkpoint, wait_for_pending_save
-from peer_dist.config import Config, config_hash, dump_toml
+from peer_dist.config import Config, config_hash, dump_toml, hashed_differences, load_config
 from peer_dist.data import Manifest, TrainStream, val_batches
 from peer_dist.errors import CheckpointError, ConfigError
 from peer_dist.log import get_logger, setup_logging
@@ -148,6 +148,8 @@ def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
         if state.get(key) != value:
             hint = ("micro_batch_size x grad_accum x (world / parallel.tp) must stay the same"
                     if key == "global_batch" else "resume it with the same config and data")
+            if key == "config_hash":
+                hint = f"{_differing_keys(ckpt.path, cfg)}; {hint}"
             raise CheckpointError(
                 f"run folder {cfg.run_dir} holds a checkpoint ({ckpt.path.name}) with {key}={state.get(key)!r}, "
                 f"this run has {key}={value!r}: {hint}, or pick a new run.name"
@@ -159,6 +161,15 @@ def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
     _schedule_lr_at(setup.engine, state["step"])
     get_logger().info("resumed from %s (step %d)", ckpt.path, state["step"])
     return state
+
+
+def _differing_keys(ckpt_path: Path, cfg: Config) -> str:
+    try:
+        saved = load_config(ckpt_path / "config.toml")
+    except (OSError, ConfigError) as exc:  # written by another version, or unreadable
+        return f"its config.toml cannot be compared ({exc})"
+    differences = hashed_differences(saved, cfg)
+    return "keys that differ: " + ", ".join(differences) if differences else "no key differs in value"
 
 
 def _global_batch(cfg: Config, layout: ParallelLayout) -> int:
