@@ -35,10 +35,12 @@ rdzv_conf="is_host=$is_host,join_timeout=${JOIN_TIMEOUT:-600},last_call_timeout=
 # --signals-to-handle: SIGUSR1 is Slurm's usual "time limit soon" signal; forward it to the
 #   workers (the default list lacks it). --shutdown-timeout: how long the workers get to
 #   write their checkpoint after a stop signal before torchrun sends SIGKILL.
-exec "$VENV/bin/torchrun" \
+# peer-dist torchrun = torchrun with these options, exiting with the workers' code (2 for a
+# user error, 75 when they stopped on a stop signal after checkpointing) instead of 1.
+exec "$VENV/bin/peer-dist" torchrun \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "${NPROC_PER_NODE:-2}" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-peer-dist}" \
   --rdzv-conf "$rdzv_conf" \
   --max-restarts "${MAX_RESTARTS:-0}" \
   --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-120}" \
-  -m peer_dist.cli train --config "$CONFIG" "$@"
+  train --config "$CONFIG" "$@"

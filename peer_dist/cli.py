@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from peer_dist.errors import EXIT_USER_ERROR, UserError
+from peer_dist.errors import EXIT_USER_ERROR, UserError, first_to_report
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -91,6 +91,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    p = sub.add_parser("torchrun", help="torchrun that exits with the job's code (2 user error, 75 stopped) "
+                       "instead of a traceback: peer-dist torchrun [torchrun options] COMMAND [args]")
+    p.add_argument("arguments", nargs=argparse.REMAINDER, help="torchrun's options, then a peer-dist command")
+
     from peer_dist.sweep import cli as sweep_cli
 
     return sweep_cli.run(args)
@@ -124,6 +128,17 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-sample-bytes", type=int, default=100_000_000,
                    help="BPE is trained on a seeded sample of at most about this many bytes of text")
     p.add_argument("--seed", type=int, default=0, help="validation split and tokenizer sample")
+
+
+def _torchrun(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    from peer_dist.parallel.torchrun import launch
+
+    commands = [name for name in parser.commands if name != "torchrun"]
+    try:
+        return launch(argv, commands)
+    except UserError as exc:
+        print(f"peer-dist torchrun: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,16 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     prepare_bench.add_arguments(b)
     b.set_defaults(func=_bench, bench_run=prepare_bench.run)
 
+    p = sub.add_parser("torchrun", help="torchrun that exits with the job's code (2 user error, 75 stopped) "
+                       "instead of a traceback: peer-dist torchrun [torchrun options] COMMAND [args]")
+    p.add_argument("arguments", nargs=argparse.REMAINDER, help="torchrun's options, then a peer-dist command")
+
     from peer_dist.sweep import cli as sweep_cli
 
     p = sub.add_parser("sweep", help="isoFLOP sweep: train every (budget, method, size) of a spec, table + plot")
     sweep_cli.add_arguments(p)
     p.set_defaults(func=_sweep)
+    parser.commands = list(sub.choices)  # what `peer-dist torchrun` may run
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["torchrun"] and not {"-h", "--help"} & set(argv[1:2]):
+        return _torchrun(parser, argv[1:])
     args, extra = parser.parse_known_args(argv)
     # `sweep SPEC -o DIR key=value`: argparse hands out positionals in one go, so overrides
     # written after an option arrive here; only key=value words are taken.
@@ -218,7 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.func(args)
     except UserError as exc:
-        print(f"peer-dist {args.command}: error: {exc}", file=sys.stderr)
+        message = f"peer-dist {args.command}: error: {exc}"
+        if first_to_report(message):  # once per job, not once per rank
+            print(message, file=sys.stderr)
         code = EXIT_USER_ERROR
     except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, eval, prepare, ...)
         print(f"peer-dist {args.command}: interrupted", file=sys.stderr)

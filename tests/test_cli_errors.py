@@ -55,3 +55,56 @@ def test_resume_with_max_steps_below_the_checkpoint_is_refused(trained: Path, ti
                    "train.max_steps=2"])
     assert "train.max_steps=2 is below the step of the checkpoint" in line and "step 4" in line
     assert (trained / "config.toml").read_text() == config  # nothing rewritten
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("launcher", ["torchrun", "peer-dist torchrun"])
+def test_a_user_error_under_torchrun_is_printed_once(tmp_path: Path, launcher: str) -> None:
+    """Both ranks meet the same bad key; one line reaches the terminal. Only the wrapper can turn
+    torchrun's own exit 1 (and traceback) into the job's exit 2."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, TORCHRUN, _env
+
+    args = ["--standalone", "--nproc-per-node", "2"]
+    command = ["train", *TINY, f"run.dir={tmp_path}", "model.d_modle=3"]
+    cmd = ([str(TORCHRUN), *args, "-m", "peer_dist.cli", *command] if launcher == "torchrun"
+           else [sys.executable, "-m", "peer_dist.cli", "torchrun", *args, *command])
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=200)
+    assert proc.stderr.count("unknown config key model.d_modle") == 1, proc.stderr[-3000:]
+    if launcher == "peer-dist torchrun":
+        assert proc.returncode == EXIT_USER_ERROR and proc.stderr.strip().count("\n") == 0, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 1  # torchrun's own rule for any failed worker
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(240)
+def test_peer_dist_torchrun_exits_with_the_crashed_workers_code(tmp_path: Path, tiny_data: Path) -> None:
+    from peer_dist.train.faults import EXIT_INJECTED_CRASH
+
+    proc = run_cli(["torchrun", "--standalone", "--nproc-per-node", "2", "train", *TINY, f"data.path={tiny_data}",
+                    f"run.dir={tmp_path}", "train.micro_batch_size=4", 'faults.inject=["crash:step=2:rank=1"]'],
+                   check=False, timeout=200)
+    assert proc.returncode == EXIT_INJECTED_CRASH, proc.stderr[-3000:]
+    assert f"rank 1 exited with {EXIT_INJECTED_CRASH}" in proc.stderr and "ChildFailedError" not in proc.stderr
+
+
+def test_peer_dist_torchrun_needs_a_command() -> None:
+    proc = run_cli(["torchrun", "--standalone", "--nproc-per-node", "2"], check=False)
+    assert proc.returncode == EXIT_USER_ERROR and "needs a command after torchrun's options" in proc.stderr
+
+
+def test_a_message_is_reported_once_per_job_and_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The ranks of a job share a parent; the first to report a message prints it, the rest don't."""
+    import tempfile
+
+    from peer_dist.errors import first_to_report
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    job = {"WORLD_SIZE": "2"}
+    assert first_to_report("bad key", job) and not first_to_report("bad key", job)
+    assert first_to_report("another message", job)
+    assert first_to_report("bad key", {**job, "TORCHELASTIC_RESTART_COUNT": "1"})  # a restart reports again
+    assert first_to_report("bad key", {}) and first_to_report("bad key", {})  # one process: always
