@@ -47,7 +47,19 @@ def test_resume_at_another_layout_equals_straight_run(runs: dict[str, Path], tin
     proc = run_cli(_args(tiny_data, runs["tmp"], name, *extra),
                    nproc=nproc, timeout=400)
     assert "elastic resume" in proc.stderr and "resumed from" in proc.stderr
+    assert "batch statistics" not in proc.stderr  # micro-batch x ranks stays 8: the same BatchNorm batches
     assert_same_run(runs["tmp"] / name, runs["straight"], steps=STEPS)
+
+
+def test_a_resume_that_changes_the_batchnorm_batch_says_so(runs: dict[str, Path], tiny_data: Path) -> None:
+    """Global batch 8 kept, but as 2 micro-steps of 4: the query BatchNorm normalises over 4
+    sequences instead of 8. Allowed, with a warning that names both numbers."""
+    shutil.copytree(runs["saved4"], runs["tmp"] / "accum2")
+    proc = run_cli(_args(tiny_data, runs["tmp"], "accum2", "parallel.ep=1", "train.micro_batch_size=4",
+                         "train.grad_accum=2"), timeout=280)
+    assert "batch statistics (query BatchNorm, MoE load balance) span: 8 sequences per micro-step before " \
+        "(checkpoint), 4 now (train.micro_batch_size 4 x data-parallel 1, train.grad_accum 2)" in proc.stderr
+    assert "resumed from" in proc.stderr and "step 6" in proc.stdout
 
 
 def test_another_global_batch_is_refused(runs: dict[str, Path], tiny_data: Path) -> None:

@@ -157,10 +157,32 @@ def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
     if state.get("layout") != _layout_state(setup.layout):
         get_logger().info("elastic resume: checkpoint written at world %s %s, resharding to world %d %s",
                           state.get("world"), state.get("layout"), setup.env.world, _layout_state(setup.layout))
+    _warn_if_statistics_batch_changes(state, cfg, setup)
     load_engine_state(ckpt, setup.engine, setup.layout)
     _schedule_lr_at(setup.engine, state["step"])
     get_logger().info("resumed from %s (step %d)", ckpt.path, state["step"])
     return state
+
+
+def _statistics_batch(cfg: Config, layout: ParallelLayout) -> int:
+    """Sequences a micro-step's batch statistics (query BatchNorm, MoE load balance) span:
+    they are summed over the data-parallel ranks, not over accumulation micro-steps."""
+    return cfg.train.micro_batch_size * layout.dp
+
+
+def _warn_if_statistics_batch_changes(state: dict[str, Any], cfg: Config, setup: _Setup) -> None:
+    """An elastic resume may split the same global batch into other micro-steps: allowed, but the
+    layers that normalise over the batch then see another batch, so the run is no longer the
+    uninterrupted one. Say so with the numbers."""
+    saved, now = state.get("statistics_batch"), _statistics_batch(cfg, setup.layout)
+    if saved is None or saved == now or not any(hasattr(m, "reduce_stats") for m in setup.model.modules()):
+        return
+    get_logger().warning(
+        "elastic resume changes the batch that batch statistics (query BatchNorm, MoE load balance) span: "
+        "%d sequences per micro-step before (checkpoint), %d now (train.micro_batch_size %d x data-parallel %d, "
+        "train.grad_accum %d). Training continues on the same global batch but no longer matches an "
+        "uninterrupted run; keep micro_batch_size x data-parallel ranks at %d to avoid it",
+        saved, now, cfg.train.micro_batch_size, setup.layout.dp, cfg.train.grad_accum, saved)
 
 
 def _differing_keys(ckpt_path: Path, cfg: Config) -> str:
@@ -502,7 +524,8 @@ def _save(cfg: Config, setup: _Setup, loop: _Loop, final: bool = False) -> Path:
     rank, asynchronous = setup.env.rank, cfg.train.async_save and not final
     trainer_state = dict(loop.state, config_hash=config_hash(cfg), data_fingerprint=setup.manifest.fingerprint,
                          world=setup.env.world, layout=_layout_state(setup.layout),
-                         global_batch=_global_batch(cfg, setup.layout), guard=loop.guard.state_dict(),
+                         global_batch=_global_batch(cfg, setup.layout),
+                         statistics_batch=_statistics_batch(cfg, setup.layout), guard=loop.guard.state_dict(),
                          data_skips=loop.skips.state_dict())
     start = time.perf_counter()
     path = save_checkpoint(cfg.run_dir / "checkpoints", loop.step, setup.engine, trainer_state, dump_toml(cfg),
