@@ -168,8 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_verify)
 
-    p = sub.add_parser("train", help="train a model (one process, or every rank under torchrun/srun/mpirun)")
-    p.add_argument("--config", "-c", default=None, help="TOML or YAML config file")
+    p = sub.add_parser("train", help="train a model (one process, or every rank under torchrun/srun/mpirun)",
+                       description="Without --config: a small PEER model (d_model 128, 4 blocks, 128^2 experts) on "
+                       "data/stdlib-byte that trains in minutes on a CPU. Presets in configs/: tiny.toml (the same, "
+                       "spelled out), tiny_dense.toml, paper_peer.toml (the paper: 1024^2 experts, d_model 1024, 12 "
+                       "blocks, 8 GPUs, bf16), paper_dense.toml, peer_1m_ep2.toml (1024^2 experts sharded over 2 "
+                       "ranks).")
+    p.add_argument("--config", "-c", default=None, help="TOML or YAML config file (default: the small model above)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.d_model=128 train.max_steps=50")
     p.set_defaults(func=_train)
 

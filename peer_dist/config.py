@@ -1,6 +1,8 @@
 """Typed configuration: nested dataclasses, a TOML/YAML file, dotted CLI overrides.
 
-Merge order: defaults < file < command-line overrides (``model.d_model=128``).
+Merge order: defaults < file < command-line overrides (``model.d_model=128``). The
+defaults are a small PEER model that trains in minutes on a CPU (what configs/tiny.toml
+spells out); the paper-scale settings are presets in configs/.
 Unknown keys and bad values raise :class:`~peer_dist.errors.ConfigError` naming the
 key and what is allowed. The resolved config is written into the run folder, and
 its hash (:func:`config_hash`) identifies the run for resume checks.
@@ -34,12 +36,13 @@ def _at_least(default: Any, minimum: float) -> Any:
 
 @dataclass
 class PEERConfig:
-    """The PEER layer (paper section 2; defaults are the paper's: N = 1024², h = 8, k = 16)."""
+    """The PEER layer (paper section 2). The defaults are a small CPU-sized layer (N = 128², h = 4,
+    k = 8); the paper's N = 1024², h = 8, k = 16, d_key 128 are in configs/paper_peer.toml."""
 
-    num_experts: int = _at_least(1024 * 1024, 1)
-    heads: int = _at_least(8, 1)
-    topk: int = _at_least(16, 1)
-    d_key: int = _at_least(128, 2)
+    num_experts: int = _at_least(128 * 128, 1)
+    heads: int = _at_least(4, 1)
+    topk: int = _at_least(8, 1)
+    d_key: int = _at_least(64, 2)
     activation: str = _choice("gelu", ("gelu", "relu"))
     query_norm: str = _choice("batchnorm", ("batchnorm", "layernorm", "none"))
 
@@ -59,10 +62,10 @@ class MoEConfig:
 class PKMConfig:
     """Product-key memory baseline (Lample et al. 2019): a value table read with softmax weights."""
 
-    num_values: int = _at_least(1024 * 1024, 1)  # a perfect square n * n
-    heads: int = _at_least(8, 1)
-    topk: int = _at_least(16, 1)
-    d_key: int = _at_least(128, 2)
+    num_values: int = _at_least(128 * 128, 1)  # a perfect square n * n
+    heads: int = _at_least(4, 1)
+    topk: int = _at_least(8, 1)
+    d_key: int = _at_least(64, 2)
     query_norm: str = _choice("batchnorm", ("batchnorm", "layernorm", "none"))
 
 
@@ -71,10 +74,10 @@ class ModelConfig:
     """Decoder-only transformer; ``ffn`` picks the feed-forward kind of the blocks in ``ffn_blocks``."""
 
     vocab_size: int = _at_least(0, 0)  # 0: take it from the prepared data's tokenizer
-    d_model: int = _at_least(256, 8)
+    d_model: int = _at_least(128, 8)
     n_layers: int = _at_least(4, 1)
     n_heads: int = _at_least(4, 1)
-    d_ff: int = _at_least(1024, 1)  # hidden width of the dense FFN blocks
+    d_ff: int = _at_least(512, 1)  # hidden width of the dense FFN blocks
     mlp: str = _choice("gelu", ("gelu", "swiglu"))
     ffn: str = _choice("peer", ("peer", "dense", "moe", "pkm"))
     # Which blocks use `ffn` (the rest are dense): "middle" (the paper), "all", "none" or a list of block indices.
@@ -101,12 +104,12 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = _at_least(8, 1)  # samples per rank per micro-step
+    micro_batch_size: int = _at_least(16, 1)  # samples per rank per micro-step
     grad_accum: int = _at_least(1, 1)
-    max_steps: int = _at_least(200, 1)
-    lr: float = _at_least(1e-3, 0.0)
+    max_steps: int = _at_least(300, 1)
+    lr: float = _at_least(2e-3, 0.0)
     min_lr_ratio: float = _at_least(0.1, 0.0)  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = _at_least(20, 0)
+    warmup_steps: int = _at_least(30, 0)
     weight_decay: float = _at_least(0.1, 0.0)
     beta1: float = _at_least(0.9, 0.0)
     beta2: float = _at_least(0.95, 0.0)
@@ -121,10 +124,10 @@ class TrainConfig:
     zero_stage: int = _choice(0, (0, 1, 2))
     precision: str = _choice("fp32", ("fp32", "bf16"))
     seed: int = 0
-    log_interval: int = _at_least(10, 1)
+    log_interval: int = _at_least(20, 1)
     eval_interval: int = _at_least(100, 0)  # 0: only at the end
-    eval_batches: int = _at_least(20, 1)  # per rank
-    ckpt_interval: int = _at_least(0, 0)  # 0: only at the end
+    eval_batches: int = _at_least(10, 1)  # per rank
+    ckpt_interval: int = _at_least(100, 0)  # 0: only at the end
     ckpt_keep: int = _at_least(3, 1)  # committed checkpoints kept (older ones are deleted after a commit)
     async_save: bool = False  # write interval checkpoints in the background (the final one is synchronous)
     device: str = _choice("auto", ("auto", "cpu", "cuda"))

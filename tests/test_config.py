@@ -88,3 +88,17 @@ def test_hash_ignores_resume_safe_keys_only() -> None:
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(CONFIGS / name)
     assert cfg.model.d_model % cfg.model.n_heads == 0
+
+
+def test_the_default_config_is_small_and_the_paper_is_a_preset() -> None:
+    """`peer-dist train` without --config must finish in minutes on a CPU: the defaults are the
+    tiny preset, not the paper's 1024^2 experts (which configs/paper_peer.toml holds)."""
+    from peer_dist.config import to_dict
+
+    root = Path(__file__).resolve().parents[1]
+    tiny, default = to_dict(load_config(root / "configs" / "tiny.toml")), to_dict(Config())
+    for section in ("model", "train"):
+        assert tiny[section] == default[section]
+    paper = load_config(root / "configs" / "paper_peer.toml")
+    assert (paper.model.peer.num_experts, paper.model.peer.heads, paper.model.peer.topk) == (1024 ** 2, 8, 16)
+    assert paper.model.peer.d_key == 128 and paper.model.d_model == 1024
