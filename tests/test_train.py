@@ -20,7 +20,7 @@ TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64",
     "model.peer.num_experts=256", "model.peer.heads=2", "model.peer.topk=4", "model.peer.d_key=16",
     "train.max_steps=4", "train.warmup_steps=1", "train.log_interval=1", "train.eval_interval=0",
-    "train.eval_batches=2", "train.progress=false", "train.lr=3e-3", "train.eps=1e-4",
+    "train.eval_batches=2", "train.progress=false", "train.lr=3e-3", "train.eps=1e-4", "train.micro_batch_size=8",
 ]
 
 
