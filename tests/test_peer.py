@@ -354,7 +354,7 @@ def test_usage_tracking_in_forward() -> None:
         (dict(query_norm="rmsnorm"), "query_norm"),
         (dict(d_model=0), "d_model"),
         (dict(chunk_size=0), "chunk_size"),
-        (dict(kernel="triton"), "kernel"),
+        (dict(kernel="cutlass"), "kernel"),
         (dict(heads=2.5), "heads"),
     ],
 )
