@@ -15,6 +15,7 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch first and pinned: a looser requirement would pull a multi-GB CUDA build.
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install -q -e ".[dev,mpi]"
+# [gpu] is Triton: its CPU interpreter lets the tests check the fused kernels without a GPU.
+"$VENV/bin/python" -m pip install -q -e ".[dev,mpi,gpu]"
 echo "$want" > "$stamp"
 echo "environment ready: $VENV"

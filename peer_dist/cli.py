@@ -196,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = p.add_subparsers(dest="bench", required=True)
     from peer_dist.bench import ckpt, ep, layer
 
-    b = bench.add_parser("layer", help="PEER layer fwd+bwd+update vs dense-update PEER, naive Algorithm 1, dense FFW "
-                         "over N: time, peak memory, row-traffic floor")
+    b = bench.add_parser("layer", help="PEER layer fwd+bwd+update vs the torch expert path, dense-update PEER, "
+                         "naive Algorithm 1, dense FFW over N (CPU or CUDA): time, peak memory, row traffic "
+                         "and bandwidth, floor")
     layer.add_arguments(b)
     b.set_defaults(func=_bench, bench_run=layer.run)
     b = bench.add_parser("ep", help="PEER layer at EP = 1, 2, 4: tokens/s, all_to_all bytes vs bound, imbalance")

@@ -45,6 +45,9 @@ class PEERConfig:
     d_key: int = _at_least(64, 2)
     activation: str = _choice("gelu", ("gelu", "relu"))
     query_norm: str = _choice("batchnorm", ("batchnorm", "layernorm", "none"))
+    # Expert-compute kernel: "auto" = the fused Triton kernels on CUDA (when triton is installed),
+    # the torch path elsewhere; "triton", "fused" or "chunked" force one (see peer_dist/model/peer.py).
+    kernel: str = _choice("auto", ("auto", "fused", "chunked", "triton"))
 
 
 @dataclass
@@ -408,6 +411,8 @@ RESUME_SAFE_KEYS = (
     "guard", "faults", "data.read_retries", "data.retry_wait_s",
     # How the global batch is split may change (elastic resume); the global batch itself is checked.
     "train.micro_batch_size", "train.grad_accum",
+    # Where and with which kernels the same math runs: a checkpoint written on CUDA resumes on CPU and back.
+    "train.device", "train.backend", "model.peer.kernel",
 )
 
 

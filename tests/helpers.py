@@ -19,7 +19,8 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "PMI_", "OMPI_"))}
     env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = str(ROOT)
+    # The checkout first; keep a PYTHONPATH that holds dependencies (launch/gpu_check.sh installs there).
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
 
 

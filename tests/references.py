@@ -17,9 +17,14 @@ def all_composite_keys(sub_keys: Tensor) -> Tensor:
     return torch.cat([sub_keys[0].repeat_interleave(n, dim=0), sub_keys[1].repeat(n, 1)], dim=1)
 
 
-def reference_retrieval(x: Tensor, p: dict[str, Tensor], cfg: dict) -> tuple[Tensor, Tensor, Tensor]:
+def reference_retrieval(x: Tensor, p: dict[str, Tensor], cfg: dict,
+                        ids_THK: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Queries, query norm (training-mode statistics over all tokens), scores against all N keys,
-    brute-force top-k. Returns x as (T, D), softmax weights (T, H, K) and ids (T, H, K)."""
+    brute-force top-k. Returns x as (T, D), softmax weights (T, H, K) and ids (T, H, K).
+
+    With ``ids_THK`` given, those keys are taken instead of the top-k (for a model in low
+    precision, whose top-k may differ from float64's on near ties): the scores are then
+    the float64 scores of those keys."""
     heads, topk, d_key = cfg["heads"], cfg["topk"], cfg["d_key"]
     x_TD = x.reshape(-1, x.shape[-1])
     q = x_TD @ p["query.weight"].t()
@@ -29,8 +34,36 @@ def reference_retrieval(x: Tensor, p: dict[str, Tensor], cfg: dict) -> tuple[Ten
     if cfg["query_norm"] == "layernorm":
         q = F.layer_norm(q, (d_key,), p["query_norm.weight"], p["query_norm.bias"], eps=1e-5)
     scores_THN = torch.einsum("thq,nq->thn", q, all_composite_keys(p["sub_keys"]))
-    scores_THK, ids_THK = scores_THN.topk(topk, dim=-1)
+    if ids_THK is None:
+        scores_THK, ids_THK = scores_THN.topk(topk, dim=-1)
+    else:
+        scores_THK = scores_THN.gather(-1, ids_THK)
     return x_TD, scores_THK.softmax(dim=-1), ids_THK
+
+
+def reference_peer(x: Tensor, p: dict[str, Tensor], cfg: dict, ids_THK: Tensor | None = None) -> Tensor:
+    """Paper Algorithm 1, brute force over all N keys, gathered (T, H, K, D) tables, einsum."""
+    x_TD, gates, ids = reference_retrieval(x, p, cfg, ids_THK)
+    u = p["experts.u"][ids]
+    v = p["experts.v"][ids]
+    z = torch.einsum("td,thkd->thk", x_TD, u)
+    act = F.gelu(z) if cfg["activation"] == "gelu" else F.relu(z)
+    return torch.einsum("thk,thkd->td", gates * act, v).view(x.shape)
+
+
+def reference_expert_mix(x_TD: Tensor, gates_S: Tensor, ids_S: Tensor, row_S: Tensor, u_ND: Tensor, v_ND: Tensor,
+                         activation: str) -> Tensor:
+    """y[t] = sum over slots s of row t of g[s] * sigma(u_{id[s]} . x[t]) * v_{id[s]}, gathered (S, D) rows."""
+    z_S = (x_TD[row_S] * u_ND[ids_S]).sum(-1)
+    act_S = F.gelu(z_S) if activation == "gelu" else F.relu(z_S)
+    contrib_SD = (gates_S * act_S)[:, None] * v_ND[ids_S]
+    return torch.zeros_like(x_TD).index_add(0, row_S, contrib_SD)
+
+
+def relative_error(got: Tensor, ref: Tensor) -> float:
+    """||got - ref|| / ||ref|| in float64 (0 for two zero tensors)."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-300)) if ref.numel() else 0.0
 
 
 def plant_slot(model: torch.nn.Module, a_star: int, b_star: int) -> tuple[Tensor, Tensor]:
@@ -87,3 +120,31 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+def layer_errors(model: nn.Module, cfg: dict, x: Tensor, same_ids: bool = False) -> dict[str, float]:
+    """Relative errors of a PEER layer (any device, any dtype) against :func:`reference_peer` in
+    float64 on the CPU on the same parameters: output, input gradient, every parameter gradient.
+
+    ``same_ids``: the reference takes the experts the model retrieved instead of its own
+    float64 top-k (for bf16, whose scores can reorder near ties).
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    ref_params = {n: p.detach().cpu().double().requires_grad_() for n, p in model.named_parameters()}
+    x_ref = x.detach().cpu().double().requires_grad_()
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
+    x_dev = x.detach().to(device, dtype).requires_grad_()
+    ids = None
+    if same_ids:
+        with torch.no_grad():
+            ids = model.retrieve(x_dev.reshape(-1, x.shape[-1]))[1].cpu()
+    y = model(x_dev)
+    y.backward(grad_out.to(device, dtype))
+    y_ref = reference_peer(x_ref, ref_params, cfg, ids)
+    y_ref.backward(grad_out)
+    errors = {"y": relative_error(y, y_ref), "x.grad": relative_error(x_dev.grad, x_ref.grad)}
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        errors[name] = relative_error(param.grad, ref_params[name].grad)
+    return errors

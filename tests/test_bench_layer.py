@@ -52,7 +52,7 @@ def test_bench_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[st
                    "--json", str(out)]
     assert layer.run(_parse(argv)) == 0
     printed = capsys.readouterr().out
-    for word in ("fwd+bwd+update", "ours_dense", "naive/ours", "ms/1k tok", "peak MB", "floor:", "ours/floor",
+    for word in ("fwd+bwd+update", "ours_dense", "row KB/tok", "row GB/s", "of copy", "device=cpu dtype=fp32", "naive/ours", "ms/1k tok", "peak MB", "floor:", "ours/floor",
                  "sweep: ours at N=256 vs N=64", "references skipped"):
         assert word in printed
     report = json.loads(out.read_text())
@@ -69,6 +69,16 @@ def test_bench_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert floor["bytes"] == run["distinct_experts"] * 2 * 2 * 16 * 4 and floor["copy_gb_per_s"] > 0
         assert floor["ours_over_floor"] == pytest.approx(run["variants"]["ours"]["median_step_ms"] / floor["ms"])
     assert small["ratios"]["naive_over_ours_time"] > 0
+    for name, row in small["variants"].items():  # row traffic: 32 tokens x 8 pairs, fp32 rows of 16
+        if name == "dense":
+            assert "row_gb_per_s" not in row  # moves no expert rows
+            continue
+        row_bytes = 4 * 32 * 8 * 16 * 4 + small["distinct_experts"] * 2 * 16 * (4 + 2 * 4)
+        assert row["row_bytes_per_token"] == pytest.approx(row_bytes / 32)
+        assert row["row_gb_per_s"] == pytest.approx(row_bytes / (row["median_step_ms"] / 1e3) / 1e9)
+        assert row["row_fraction_of_copy"] == pytest.approx(row["row_gb_per_s"] / small["floor"]["copy_gb_per_s"])
+    assert "ours_torch" not in small["variants"]  # on CPU ours is the torch path
+    assert report["device"]
     sweep = report["sweep"]
     assert sweep["time_ratio"] == pytest.approx(large["variants"]["ours"]["median_step_ms"]
                                                 / small["variants"]["ours"]["median_step_ms"])
@@ -82,3 +92,28 @@ def test_bench_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_bad_arguments_raise_config_error(argv: list[str], flag: str) -> None:
     with pytest.raises(ConfigError, match=flag):
         layer.run(_parse(TINY + argv))
+
+
+def test_row_traffic_counts_pair_reads_and_distinct_row_updates() -> None:
+    # 16k tokens x 128 pairs of bf16 rows of 1024, 860k distinct experts (N = 1024^2)
+    pairs, distinct = 16384 * 128, 860_000
+    expected = 4 * pairs * 1024 * 2 + distinct * 2 * 1024 * (4 + 4)
+    assert layer.row_traffic_bytes(pairs, distinct, 1024, 2) == expected
+    assert layer.row_traffic_bytes(pairs, 0, 1024, 4) == 2 * layer.row_traffic_bytes(pairs, 0, 1024, 2)
+
+
+def test_bf16_run_agrees_with_naive(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert layer.run(_parse(TINY + ["--repeats", "1", "--threads", "1", "--dtype", "bf16", "--json", str(out)])) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["config"]["dtype"] == "bf16"
+    # bf16 rows are half the bytes of fp32 ones; the fp32 gradient row stays 4 bytes
+    assert run["variants"]["ours"]["row_bytes_per_token"] == pytest.approx(
+        (4 * 32 * 8 * 16 * 2 + run["distinct_experts"] * 2 * 16 * (4 + 2 * 2)) / 32)
+    assert run["agreement"]["ok"] and 0 < max(run["agreement"]["max_rel_err"].values()) < 5e-2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="--device cuda"):
+        layer.run(_parse(TINY + ["--device", "cuda"]))

@@ -80,6 +80,9 @@ def test_ffn_blocks() -> None:
 def test_hash_ignores_resume_safe_keys_only() -> None:
     base = config_hash(load_config(None, []))
     assert config_hash(load_config(None, ["train.max_steps=7", "run.name=other", "data.num_workers=2"])) == base
+    # the same math elsewhere: a run checkpointed on CUDA resumes on CPU, with the torch kernels
+    assert config_hash(load_config(None, ["train.device=cpu", "train.backend=gloo", "model.peer.kernel=chunked"])) \
+        == base
     assert config_hash(load_config(None, ["train.lr=0.1"])) != base
     assert config_hash(load_config(None, ["model.peer.topk=4"])) != base
 

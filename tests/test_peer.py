@@ -14,22 +14,13 @@ from peer_dist.errors import ConfigError
 from peer_dist.model.expert_ops import ExpertRouting, expert_mix, gather_dot, segment_sum
 from peer_dist.model.peer import PEER, QueryBatchNorm, usage_metrics
 from peer_dist.model.product_keys import candidate_ranks, product_key_topk
-from tests.references import all_composite_keys, LargestTensor, compare_with_reference, plant_slot, reference_retrieval
+from tests.references import (all_composite_keys, LargestTensor, compare_with_reference, plant_slot, reference_peer,
+                              reference_retrieval)
 
 SMALL = dict(d_model=16, num_experts=64, heads=2, topk=4, d_key=8)
 
 
 # ---- independent references ------------------------------------------------------------------
-
-
-def reference_peer(x: Tensor, p: dict[str, Tensor], cfg: dict) -> Tensor:
-    """Paper Algorithm 1, brute force over all N keys, gathered (T, H, K, D) tables, einsum."""
-    x_TD, gates, ids = reference_retrieval(x, p, cfg)
-    u = p["experts.u"][ids]
-    v = p["experts.v"][ids]
-    z = torch.einsum("td,thkd->thk", x_TD, u)
-    act = F.gelu(z) if cfg["activation"] == "gelu" else F.relu(z)
-    return torch.einsum("thk,thkd->td", gates * act, v).view(x.shape)
 
 
 def detached_params(model: nn.Module) -> dict[str, Tensor]:
@@ -363,7 +354,7 @@ def test_usage_tracking_in_forward() -> None:
         (dict(query_norm="rmsnorm"), "query_norm"),
         (dict(d_model=0), "d_model"),
         (dict(chunk_size=0), "chunk_size"),
-        (dict(kernel="triton"), "kernel"),
+        (dict(kernel="cutlass"), "kernel"),
         (dict(heads=2.5), "heads"),
     ],
 )

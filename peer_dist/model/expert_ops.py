@@ -34,12 +34,16 @@ each is built from the forward kernels of both.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from peer_dist.errors import ConfigError
 
 # Pairs gathered at once by the chunked gather-dot fallback. 8192 pairs * D=512 *
 # 4 B = 16 MiB per temporary: measured on a 2-core Xeon, 2k-16k pairs were within
@@ -49,11 +53,41 @@ DEFAULT_CHUNK_SIZE = 8192
 _FUSED_GATHER_DOT = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
 
 GATHER_DOT_KERNELS = ("auto", "fused", "chunked")
+# Kernels of the whole expert mix (the layer's ``kernel=``): the torch paths above, or the
+# fused Triton kernels of triton_kernels.py (u side, activation, gate and v side in one launch,
+# the backward in two). "auto" takes Triton on CUDA tensors when triton is installed.
+EXPERT_MIX_KERNELS = GATHER_DOT_KERNELS + ("triton",)
 
 
 def fused_kernel_available() -> bool:
     """Whether this torch build has the fused gather-dot kernel."""
     return _FUSED_GATHER_DOT is not None
+
+
+def triton_importable() -> bool:
+    """Whether the triton package can be imported (without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_kernel_problem(device: torch.device | None = None) -> str | None:
+    """Why kernel="triton" cannot run here (on ``device``, default: any), or None when it can."""
+    if not triton_importable():
+        return "kernel='triton' needs the triton package: pip install 'peer-dist[gpu]'"
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if device is None and (torch.cuda.is_available() or interpreted):
+        return None
+    if device is not None and (device.type == "cuda" or (device.type == "cpu" and interpreted)):
+        return None
+    where = "this machine has no CUDA device" if device is None else f"the layer's tensors are on {device}"
+    return (f"kernel='triton' runs on CUDA tensors (on CPU only under Triton's interpreter, "
+            f"TRITON_INTERPRET=1, which is slow); {where}: use kernel='auto'")
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """The kernel "auto" stands for on ``device``: "triton" on CUDA when triton is installed, else the torch path."""
+    if kernel == "auto" and device.type == "cuda" and triton_importable():
+        return "triton"
+    return kernel
 
 
 @dataclass(frozen=True)
@@ -234,10 +268,10 @@ def segment_sum(rows_TD: Tensor, weights_S: Tensor, routing: ExpertRouting, out_
 
     O(N * D): for small tables (product sub-keys) and the dense expert update only.
     """
-    return _scatter_rows(grouped_segment_sum(rows_TD, weights_S, routing), routing, out_dtype)
+    return scatter_rows(grouped_segment_sum(rows_TD, weights_S, routing), routing, out_dtype)
 
 
-def _scatter_rows(grouped_UD: Tensor, routing: ExpertRouting, out_dtype: torch.dtype) -> Tensor:
+def scatter_rows(grouped_UD: Tensor, routing: ExpertRouting, out_dtype: torch.dtype) -> Tensor:
     out_ND = grouped_UD.new_zeros(routing.num_experts, grouped_UD.shape[1])
     return out_ND.index_copy_(0, routing.experts_U, grouped_UD).to(out_dtype)
 
@@ -250,7 +284,7 @@ def _table_grad(rows_TD: Tensor, weights_S: Tensor, routing: ExpertRouting, tabl
     grouped_UD = grouped_segment_sum(rows_TD, weights_S, routing)
     if sink is not None:
         sink.add(routing.experts_U, grouped_UD)
-    return _scatter_rows(grouped_UD, routing, table_ND.dtype) if dense else None
+    return scatter_rows(grouped_UD, routing, table_ND.dtype) if dense else None
 
 
 class ExpertDot(torch.autograd.Function):
@@ -322,12 +356,27 @@ def expert_mix(
 ) -> Tensor:
     """y[t] = sum over slots s of row t of gates[s] * sigma(u_{id[s]} . x[t]) * v_{id[s]}, shape (T, D).
 
-    Extra memory is O(S) scalars (z, gates, sort order), never O(S * D).
+    Extra memory is O(S) scalars (z, gates, sort order), never O(S * D). ``kernel``:
+    one of EXPERT_MIX_KERNELS; "triton" (the default on CUDA) runs the fused kernels
+    of triton_kernels.py, the others the torch path of this module.
     """
     _check_expert_inputs(x_TD, gates_S, routing, expert_u, expert_v)
+    if resolve_kernel(kernel, x_TD.device) == "triton":
+        return _triton_mix(x_TD, gates_S, routing, expert_u, expert_v, activation)
     z_S = ExpertDot.apply(x_TD.contiguous(), expert_u, routing, kernel, chunk_size, row_grad_of(expert_u))
     act_S = F.gelu(z_S) if activation == "gelu" else F.relu(z_S)
     return ExpertBagSum.apply(gates_S * act_S, expert_v, routing, kernel, chunk_size, row_grad_of(expert_v))
+
+
+def _triton_mix(x_TD: Tensor, gates_S: Tensor, routing: ExpertRouting, expert_u: Tensor, expert_v: Tensor,
+                activation: str) -> Tensor:
+    problem = triton_kernel_problem(x_TD.device)
+    if problem is not None:
+        raise ConfigError(problem)
+    from peer_dist.model.triton_kernels import TritonExpertMix  # imports triton: only when chosen
+
+    return TritonExpertMix.apply(x_TD, gates_S, expert_u, expert_v, routing, activation,
+                                 row_grad_of(expert_u), row_grad_of(expert_v))
 
 
 def row_grad_of(table: Tensor) -> RowGrad | None:

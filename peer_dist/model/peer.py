@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from peer_dist.errors import ConfigError
-from peer_dist.model.expert_ops import DEFAULT_CHUNK_SIZE, GATHER_DOT_KERNELS, fused_kernel_available
+from peer_dist.model.expert_ops import (DEFAULT_CHUNK_SIZE, EXPERT_MIX_KERNELS, fused_kernel_available,
+                                        triton_kernel_problem)
 from peer_dist.model.expert_tables import ExpertSharding, ExpertTables
 from peer_dist.model.retrieval import (QUERY_NORMS, ProductKeyLayer, QueryBatchNorm, require_int,
                                        usage_metrics, validate_retrieval)
@@ -45,8 +46,9 @@ class PEER(ProductKeyLayer):
         activation: sigma of the experts, "gelu" or "relu".
         query_norm: "batchnorm" (paper default), "layernorm" (per head) or "none".
         chunk_size: (token, expert) pairs per chunk of the chunked gather-dot kernel.
-        kernel: gather-dot kernel of the u side and the v-side backward, "auto" |
-            "fused" | "chunked" (see expert_ops.gather_dot).
+        kernel: expert-compute kernel: "triton" (fused Triton kernels, CUDA; the
+            default there when triton is installed), "fused" | "chunked" (the torch
+            path and its gather-dot, see expert_ops.gather_dot) or "auto".
         sharding: which expert rows this process holds (default: all N). A shard
             is only usable through the expert-parallel dispatch that
             ``peer_dist.parallel.parallelize_experts`` installs as ``self.experts``.
@@ -149,8 +151,10 @@ def _validate_config(
     require_int("chunk_size", chunk_size, minimum=1)
     if activation not in ACTIVATIONS:
         raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if kernel not in GATHER_DOT_KERNELS:
-        raise ConfigError(f"kernel must be one of {GATHER_DOT_KERNELS}, got {kernel!r}")
+    if kernel not in EXPERT_MIX_KERNELS:
+        raise ConfigError(f"kernel must be one of {EXPERT_MIX_KERNELS}, got {kernel!r}")
     if kernel == "fused" and not fused_kernel_available():
         raise ConfigError("kernel='fused' needs aten::_embedding_bag_per_sample_weights_backward; use 'chunked'")
+    if kernel == "triton" and (problem := triton_kernel_problem()) is not None:
+        raise ConfigError(problem)
     return num_sub

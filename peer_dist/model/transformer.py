@@ -130,7 +130,8 @@ def build_ffn(cfg: ModelConfig, kind: str, placement: ExpertPlacement) -> nn.Mod
         p = cfg.peer
         return PEER(
             cfg.d_model, p.num_experts, heads=p.heads, topk=p.topk, d_key=p.d_key,
-            activation=p.activation, query_norm=p.query_norm, sharding=placement.sharding(p.num_experts),
+            activation=p.activation, query_norm=p.query_norm, kernel=p.kernel,
+            sharding=placement.sharding(p.num_experts),
         )
     if kind == "moe":
         m = cfg.moe

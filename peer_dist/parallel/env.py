@@ -89,7 +89,7 @@ def pick_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0) -> None:
+def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0, device: torch.device | None = None) -> None:
     """Create the default process group (also for one process, so collectives are uniform).
 
     The timeout bounds the rendezvous and every collective: a missing or stalled rank
@@ -134,8 +134,10 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0) -> No
             f"{dist.get_world_size()}; every process must see the same launcher variables"
         )
     # DeepSpeed keeps its own handle on the process group; it reuses the one we made. Without
-    # CUDA, name its accelerator: otherwise every rank prints that it guessed one.
-    if not torch.cuda.is_available():
+    # CUDA, name its accelerator: otherwise every rank prints that it guessed one. On a CUDA
+    # machine running on the CPU (``device`` cpu) too: DeepSpeed would move the model to its
+    # accelerator's device.
+    if not torch.cuda.is_available() or (device is not None and device.type == "cpu"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 

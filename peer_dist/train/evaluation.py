@@ -39,7 +39,7 @@ def run_eval(checkpoint: str | Path, data_path: str | None = None, batch_size: i
         raise DataError(f"data at {data_dir} is not the data the checkpoint was trained on "
                         "(manifest fingerprints differ); pass --data to evaluate on other data on purpose")
     torch_device = pick_device(device, env)
-    init_distributed(env, pick_backend("auto", torch_device))
+    init_distributed(env, pick_backend("auto", torch_device), device=torch_device)
     weights = ckpt.state_dict() if isinstance(ckpt, Export) else load_module_state(ckpt)
     vocab = weights["embed.weight"].shape[0] if "embed.weight" in weights else cfg.model.vocab_size
     # The model's vocabulary came from its training data (model.vocab_size = 0) or was set

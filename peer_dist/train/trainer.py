@@ -101,7 +101,8 @@ def _set_up(cfg: Config) -> _Setup:
     setup_logging(env.rank)
     layout = ParallelLayout(env.world, tp=cfg.parallel.tp, ep=cfg.parallel.ep)  # fails before any work
     device = pick_device(cfg.train.device, env)
-    init_distributed(env, pick_backend(cfg.train.backend, device), timeout_s=cfg.train.collective_timeout_s)
+    init_distributed(env, pick_backend(cfg.train.backend, device), timeout_s=cfg.train.collective_timeout_s,
+                     device=device)
     manifest = Manifest.load(cfg.data.path, read_retries=cfg.data.read_retries, retry_wait_s=cfg.data.retry_wait_s)
     vocab = cfg.model.vocab_size or manifest.vocab_size
     if vocab < manifest.vocab_size:
