@@ -1,4 +1,4 @@
-"""`peer-dist` command line: prepare | prepare-merge | tokenizer | verify | train | eval | export | bench | sweep."""
+"""`peer-dist` command line: prepare | prepare-merge | tokenizer | verify | train | eval | export | bench | torchrun | sweep."""
 
 from __future__ import annotations
 
@@ -91,10 +91,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    p = sub.add_parser("torchrun", help="torchrun that exits with the job's code (2 user error, 75 stopped) "
-                       "instead of a traceback: peer-dist torchrun [torchrun options] COMMAND [args]")
-    p.add_argument("arguments", nargs=argparse.REMAINDER, help="torchrun's options, then a peer-dist command")
-
     from peer_dist.sweep import cli as sweep_cli
 
     return sweep_cli.run(args)
@@ -218,11 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare_bench.add_arguments(b)
     b.set_defaults(func=_bench, bench_run=prepare_bench.run)
 
+    from peer_dist.sweep import cli as sweep_cli
+
     p = sub.add_parser("torchrun", help="torchrun that exits with the job's code (2 user error, 75 stopped) "
                        "instead of a traceback: peer-dist torchrun [torchrun options] COMMAND [args]")
     p.add_argument("arguments", nargs=argparse.REMAINDER, help="torchrun's options, then a peer-dist command")
-
-    from peer_dist.sweep import cli as sweep_cli
 
     p = sub.add_parser("sweep", help="isoFLOP sweep: train every (budget, method, size) of a spec, table + plot")
     sweep_cli.add_arguments(p)

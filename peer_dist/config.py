@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from peer_dist.errors import ConfigError
+from peer_dist.specs import parse_faults, parse_signal
 
 
 def _choice(default: Any, choices: tuple[Any, ...]) -> Any:
@@ -338,9 +339,6 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.train.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio={cfg.train.min_lr_ratio} must be between 0 and 1")
     _validate_parallel(cfg)
-    from peer_dist.train.faults import parse_faults  # local imports: reading a config needs no torch
-    from peer_dist.train.signals import parse_signal
-
     parse_faults(cfg.faults)  # a bad fault spec (config or PEER_DIST_FAULTS) stops the run before any work
     for name in cfg.train.stop_signals:
         try:

@@ -105,3 +105,17 @@ def test_the_default_config_is_small_and_the_paper_is_a_preset() -> None:
     paper = load_config(root / "configs" / "paper_peer.toml")
     assert (paper.model.peer.num_experts, paper.model.peer.heads, paper.model.peer.topk) == (1024 ** 2, 8, 16)
     assert paper.model.peer.d_key == 128 and paper.model.d_model == 1024
+
+
+def test_reading_a_config_imports_no_torch() -> None:
+    """Config validation (fault specs and signal names included) is plain Python: the sweep planner
+    and the CLI's argument checks read configs without paying for torch or torch.distributed."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from peer_dist.config import load_config; "
+            "load_config('configs/tiny.toml', ['faults.inject=[\"crash:step=2:rank=1\"]', 'train.stop_signals=[\"USR1\"]']); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]", out

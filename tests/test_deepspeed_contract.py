@@ -28,9 +28,9 @@ def _engine(rank: int, world: int, tp: int, ep: int, zero: int, update: str = "d
 
     import deepspeed
 
-    from peer_dist.parallel.env import _skip_shm_comm_build
+    from peer_dist.parallel.deepspeed_private import skip_shm_comm_build
 
-    _skip_shm_comm_build()  # as the trainer does
+    skip_shm_comm_build()  # as the trainer does
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     cfg = load_config(None, [*OVERRIDES, f"parallel.tp={tp}", f"parallel.ep={ep}", f"train.zero_stage={zero}",
                              f"train.expert_update={update}"])
@@ -43,22 +43,29 @@ def _engine(rank: int, world: int, tp: int, ep: int, zero: int, update: str = "d
 
 def _contract_worker(rank: int, world: int, tp: int) -> dict[str, object]:
     import deepspeed
+    import torch.distributed as dist
     from deepspeed.runtime.utils import is_model_parallel_parameter
-    from deepspeed.utils import groups
+
+    from peer_dist.parallel import deepspeed_private as ds
 
     engine, layout = _engine(rank, world, tp=tp, ep=2, zero=0)
     name = "ep_size_2"
-    experts = [p for p in engine.module.parameters() if not getattr(p, "allreduce", True)]
-    dense = [p for p in engine.module.parameters() if getattr(p, "allreduce", True)]
+    experts = [p for p in engine.module.parameters() if ds.is_expert_parameter(p)]
+    dense = [p for p in engine.module.parameters() if not ds.is_expert_parameter(p)]
+    ep_ranks, edp_ranks = ds.expert_group_ranks(name)
     out: dict[str, object] = {
         # 1. the shim is recognised as a native MoE layer
         "has_moe": engine.has_moe_layers, "num_experts": list(engine.num_experts),
         "expert_params": len(experts),
         # 2. DeepSpeed's own expert groups are the ones ParallelLayout describes
-        "ep_group": list(groups._EXPERT_PARALLEL_GROUP_RANKS[name]),
-        "edp_group": list(groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name]),
+        "ep_group": ep_ranks, "edp_group": edp_ranks,
         "layout_ep": layout.ep_group(rank), "layout_edp": layout.edp_group(rank),
-        "dp_world": groups._get_data_parallel_world_size(),
+        # ... and the process groups handed out by name are those groups
+        "ep_pg": dist.get_process_group_ranks(ds.expert_parallel_group(name)),
+        "edp_pg": dist.get_process_group_ranks(ds.expert_data_parallel_group(name)),
+        "dp_pg": dist.get_process_group_ranks(ds.data_parallel_group()),
+        "tp_pg": dist.get_process_group_ranks(ds.tensor_parallel_group()) if tp > 1 else None,
+        "layout_dp": layout.dp_group(rank), "layout_tp": layout.tp_group(rank),
         # 3. MoE optimizer groups hold exactly the expert params
         "moe_groups": sorted(len(g["params"]) for g in engine.optimizer.param_groups if g.get("moe")),
         "expert_model_parallel": all(is_model_parallel_parameter(p) for p in experts) if tp > 1 else None,
@@ -86,7 +93,9 @@ def test_deepspeed_moe_contract(tp: int) -> None:
         assert r["shm_op"], "DeepSpeed built its shared-memory op"
         assert r["has_moe"] and r["num_experts"] == [2] and r["expert_params"] == 2, r
         assert sorted(r["ep_group"]) == sorted(r["layout_ep"]) and sorted(r["edp_group"]) == sorted(r["layout_edp"])
-        assert r["dp_world"] == dp
+        assert sorted(r["ep_pg"]) == sorted(r["layout_ep"]) and sorted(r["edp_pg"]) == sorted(r["layout_edp"])
+        assert sorted(r["dp_pg"]) == sorted(r["layout_dp"]) and len(r["dp_pg"]) == dp
+        assert r["tp_pg"] is None or sorted(r["tp_pg"]) == sorted(r["layout_tp"])
         assert r["moe_groups"] == [2], r["moe_groups"]  # u and v, in one MoE group (no weight decay)
         assert r["expert_model_parallel"] in (None, True)
         edp = r["layout_edp"]
@@ -96,9 +105,8 @@ def test_deepspeed_moe_contract(tp: int) -> None:
 
 
 def _sparse_worker(rank: int, world: int, tp: int, zero: int) -> dict[str, object]:
-    from deepspeed.utils import groups
-
     from peer_dist.model.expert_tables import init_rows_
+    from peer_dist.parallel import deepspeed_private as ds
     from peer_dist.model.peer import PEER
 
     engine, layout = _engine(rank, world, tp=tp, ep=2, zero=zero, update="sparse")
@@ -115,8 +123,10 @@ def _sparse_worker(rank: int, world: int, tp: int, zero: int) -> dict[str, objec
         "has_moe": engine.has_moe_layers,
         # DeepSpeed's initial broadcast stayed within the expert-data-parallel group
         "own_rows": bool(torch.equal(peer.expert_u.detach().float(), own_rows.float())),
-        "edp_group": list(groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name]), "layout_edp": layout.edp_group(rank),
+        "edp_group": ds.expert_group_ranks(name)[1], "layout_edp": layout.edp_group(rank),
         "norm_hook": hasattr(engine.optimizer, "scaled_global_norm"),  # ZeRO 1/2 (bf16 at ZeRO 0: the trainer test)
+        # ZeRO 1/2 keep the fp32 masters of the dense weights in partitions (checkpoints read them so)
+        "partitioned": all(ds.has_partitioned_master(p) for p in engine.module.parameters() if p.requires_grad),
     }
 
 
@@ -128,4 +138,4 @@ def test_row_sparse_tables_stay_out_of_deepspeed(tp: int, zero: int) -> None:
         assert not r["has_moe"]  # no MoE layer: ZeRO needs no (empty) MoE parameter group
         assert r["own_rows"], "DeepSpeed's broadcast overwrote an expert shard"
         assert sorted(r["edp_group"]) == sorted(r["layout_edp"])
-        assert r["norm_hook"]
+        assert r["norm_hook"] and r["partitioned"]

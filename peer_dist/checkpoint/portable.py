@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from peer_dist.errors import CheckpointError
+from peer_dist.parallel.deepspeed_private import has_partitioned_master
 from peer_dist.parallel.layout import ParallelLayout
 
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
@@ -74,7 +75,7 @@ def _full_value(p: Tensor, optimizer: Any, key: str | None) -> Tensor:
     """fp32 parameter (key None) or Adam moment, complete w.r.t. ZeRO; collective under ZeRO."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    if hasattr(p, "_hp_mapping"):  # ZeRO 1/2 and the bf16 optimizer: partitions all-reduced
+    if has_partitioned_master(p):  # ZeRO 1/2 and the bf16 optimizer: partitions all-reduced
         value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
         return value.detach().float().cpu()
     if key is None:
@@ -193,7 +194,7 @@ def _set_value(p: Tensor, optimizer: Any, values: dict[str, Tensor], step_count:
 
     with torch.no_grad():
         p.data.copy_(values["param"].to(p.dtype))
-        if hasattr(p, "_hp_mapping"):
+        if has_partitioned_master(p):
             safe_set_full_fp32_param(p, values["param"].to(p.device))
             for key in OPT_KEYS:
                 safe_set_full_optimizer_state(p, values[key].to(p.device), key)

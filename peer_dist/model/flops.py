@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 from peer_dist.config import ModelConfig, resolve_ffn_blocks
 from peer_dist.errors import ConfigError
-from peer_dist.model.peer import _validate_config
+from peer_dist.model.peer import validate_peer_config
 from peer_dist.model.pkm import validate_pkm_config
 from peer_dist.model.product_keys import candidate_ranks
 
@@ -206,7 +206,7 @@ def _retrieval_shape(cfg: ModelConfig, kind: str) -> tuple[int, int, int, int]:
     try:
         if kind == "peer":
             p = cfg.peer
-            num_sub = _validate_config(
+            num_sub = validate_peer_config(
                 d_model=cfg.d_model, num_experts=p.num_experts, heads=p.heads, topk=p.topk, d_key=p.d_key,
                 activation=p.activation, query_norm=p.query_norm, chunk_size=1, kernel="chunked",
             )

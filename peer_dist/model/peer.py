@@ -70,7 +70,7 @@ class PEER(ProductKeyLayer):
         kernel: str = "auto",
         sharding: ExpertSharding | None = None,
     ) -> None:
-        _validate_config(d_model, num_experts, heads, topk, d_key, activation, query_norm, chunk_size, kernel)
+        validate_peer_config(d_model, num_experts, heads, topk, d_key, activation, query_norm, chunk_size, kernel)
         super().__init__(d_model, num_experts, heads, topk, d_key, query_norm, slots_name="num_experts")
         self.num_experts = num_experts
         self.activation, self.chunk_size, self.kernel = activation, chunk_size, kernel
@@ -135,7 +135,7 @@ class PEER(ProductKeyLayer):
         )
 
 
-def _validate_config(
+def validate_peer_config(
     d_model: int,
     num_experts: int,
     heads: int,

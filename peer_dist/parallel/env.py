@@ -141,23 +141,11 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float = 600.0, devic
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    _skip_shm_comm_build()
+    from peer_dist.parallel.deepspeed_private import skip_shm_comm_build
+
+    skip_shm_comm_build()
     _hide_deepspeed_collective_deprecations()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-
-
-def _skip_shm_comm_build() -> None:
-    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op at init_distributed.
-
-    We never use it (it serves DeepSpeed's inference all-reduce), and the build holds a
-    file lock in the torch extensions folder: a process killed during the build (a
-    preemption, a crash, a kill -9 of the job) leaves the lock behind, and every later
-    start on that machine waits on it forever. Marking the op incompatible makes
-    DeepSpeed skip it (deepspeed/comm/torch.py build_shm_op; pinned version).
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _hide_deepspeed_collective_deprecations() -> None:

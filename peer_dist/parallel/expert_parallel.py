@@ -49,6 +49,8 @@ from torch import Tensor, nn
 
 from peer_dist.model.expert_ops import ExpertRouting
 from peer_dist.parallel.collectives import all_to_all
+from peer_dist.parallel.deepspeed_private import (ensure_expert_groups, expert_parallel_group, mark_expert_parameter,
+                                                  moe_layer_class, tensor_parallel_group)
 from peer_dist.parallel.layout import ParallelLayout, check_deepspeed_groups
 
 _INT_BYTES = 4  # slot counts and expert rows travel as int32; the E x 2 counts as int64
@@ -216,15 +218,6 @@ def _gather_slices(part: Tensor, num_tokens: int, tp_size: int, group: Any) -> T
     return torch.cat([g[: b - a] for g, a, b in zip(gathered, bounds, bounds[1:])])
 
 
-# ---------------------------------------------------------------------------- the DeepSpeed MoE shim
-
-
-def _deepspeed_moe_base() -> type:
-    from deepspeed.moe.layer import MoE
-
-    return MoE
-
-
 class DispatchStats:
     """Per-layer dispatch counters accumulated between metric reads (host ints: no syncs of their own)."""
 
@@ -266,7 +259,7 @@ def make_parallel_experts(experts: nn.Module, layout: ParallelLayout, rank: int,
     private DeepSpeed behaviour of the pinned version; tests/test_deepspeed_contract.py
     fails loudly if an upgrade changes it.
     """
-    base = _deepspeed_moe_base() if deepspeed_experts else nn.Module
+    base = moe_layer_class() if deepspeed_experts else nn.Module
 
     class ParallelExperts(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -282,8 +275,7 @@ def make_parallel_experts(experts: nn.Module, layout: ParallelLayout, rank: int,
             self.deepspeed_moe.experts = nn.Module()
             self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList([experts])
             for param in experts.parameters():
-                param.allreduce = False  # DeepSpeed: an expert parameter
-                param.group_name = self.expert_group_name
+                mark_expert_parameter(param, self.expert_group_name)
             self.ep_group: Any = None
             self.tp_group: Any = None
             self.stats = DispatchStats()
@@ -295,19 +287,13 @@ def make_parallel_experts(experts: nn.Module, layout: ParallelLayout, rank: int,
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             """Create (once) and check the groups: called by the DeepSpeed engine at initialisation
             for MoE instances, by :func:`create_expert_groups` for the others."""
-            from deepspeed.utils import groups
-
             if use_data_before_expert_parallel_:
                 raise RuntimeError("use_data_before_expert_parallel_ is not supported by peer_dist's layout")
-            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-                if self.layout.tp > 1:
-                    groups._create_expert_and_data_parallel(self.layout.ep, mp_size=self.layout.tp, mp_mode="tp")
-                else:
-                    groups._create_expert_and_data_parallel(self.layout.ep)
+            ensure_expert_groups(self.expert_group_name, self.layout.ep, self.layout.tp)
             check_deepspeed_groups(self.layout, self.rank, self.expert_group_name)
-            self.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
+            self.ep_group = expert_parallel_group(self.expert_group_name)
             if self.layout.tp > 1:
-                self.tp_group = groups.get_tensor_model_parallel_group()
+                self.tp_group = tensor_parallel_group()
 
         def forward(self, x_TD: Tensor, ids_TJ: Tensor, gates_TJ: Tensor) -> Tensor:
             """(T, D) tokens, (T, J) global expert ids and gates -> (T, D) expert output."""
@@ -386,7 +372,7 @@ def parallelize_experts(model: nn.Module, layout: ParallelLayout, rank: int, row
 
 def create_expert_groups(model: nn.Module) -> None:
     """Create the expert groups for wrappers that are no DeepSpeed MoE layers (call before the engine)."""
-    base = _deepspeed_moe_base()
+    base = moe_layer_class()
     for _, wrapper in dispatch_layers(model):
         if not isinstance(wrapper, base):
             wrapper.set_deepspeed_parallelism()

@@ -12,7 +12,7 @@ Example W = 8, TP = 2, EP = 2:   TP [0,1] [2,3] [4,5] [6,7];  DP [0,2,4,6] [1,3,
 EP [0,2] [4,6] [1,3] [5,7];  EDP [0,4,1,5] [2,6,3,7].
 
 With TP = 1 these are exactly the groups DeepSpeed's native MoE builds
-(``groups._create_expert_and_data_parallel``, legacy ordering), and with TP > 1
+(``deepspeed_private.ensure_expert_groups``, legacy ordering), and with TP > 1
 its "TP-strided" ordering: :func:`check_deepspeed_groups` verifies that after
 DeepSpeed created them, so a DeepSpeed upgrade that changes the layout fails
 loudly instead of averaging the wrong gradients.
@@ -91,12 +91,9 @@ def check_deepspeed_groups(layout: ParallelLayout, rank: int, group_name: str) -
 
     Reads DeepSpeed's private group tables (pinned version, see pyproject.toml).
     """
-    from deepspeed.utils import groups
+    from peer_dist.parallel.deepspeed_private import expert_group_ranks
 
-    found = {
-        "expert-parallel": list(groups._EXPERT_PARALLEL_GROUP_RANKS.get(group_name, [])),
-        "expert-data-parallel": list(groups._EXPERT_DATA_PARALLEL_GROUP_RANKS.get(group_name, [])),
-    }
+    found = dict(zip(("expert-parallel", "expert-data-parallel"), expert_group_ranks(group_name)))
     expected = {"expert-parallel": layout.ep_group(rank), "expert-data-parallel": layout.edp_group(rank)}
     for kind, ranks in expected.items():
         if sorted(found[kind]) != sorted(ranks):

@@ -16,6 +16,10 @@ from peer_dist.config import Config, TrainConfig
 from peer_dist.model.peer import PEER
 from peer_dist.model.pkm import PKM
 from peer_dist.model.retrieval import ProductKeyLayer
+from peer_dist.parallel.deepspeed_private import (add_to_global_grad_norm, count_in_every_tp_lane, data_parallel_group,
+                                                  expert_data_parallel_group, expert_parallel_group,
+                                                  init_tensor_parallel_groups, is_expert_parameter,
+                                                  split_moe_param_groups)
 from peer_dist.parallel.layout import ParallelLayout
 from peer_dist.train.optim import GuardedAdamW
 from peer_dist.train.sparse_tables import SparseTableAdamW, TableSpec
@@ -80,7 +84,7 @@ def clip_gradients(model: nn.Module, max_norm: float, ep_group: Any = None, tp_g
     for p in model.parameters():
         if p.grad is None:
             continue
-        kind = "expert" if not getattr(p, "allreduce", True) else "tp" if getattr(p, "tensor_model_parallel", False) \
+        kind = "expert" if is_expert_parameter(p) else "tp" if getattr(p, "tensor_model_parallel", False) \
             else "replicated"
         kinds[kind].append(p.grad)
     device = next(model.parameters()).device
@@ -185,9 +189,7 @@ def build_engine(model: nn.Module, cfg: Config, layout: ParallelLayout) -> Any:
     if layout.ep > 1:
         # DeepSpeed's MoE optimizer groups: expert params get their own groups ('moe': True)
         # that ZeRO partitions over the expert-data-parallel group only.
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+        groups = split_moe_param_groups(groups)
         # A group whose params all moved into MoE groups stays behind empty; DeepSpeed drops
         # empty groups later, which would leave the lr scheduler with one lr too many.
         groups = [g for g in groups if g["params"]]
@@ -197,10 +199,7 @@ def build_engine(model: nn.Module, cfg: Config, layout: ParallelLayout) -> Any:
     if layout.tp > 1:
         # DeepSpeed's own TP/DP groups (TP-innermost, as ParallelLayout), created before the
         # engine so its batch-size check counts data-parallel ranks (world / tp), not the world.
-        from deepspeed.utils import groups as ds_groups
-
-        ds_groups._init_tp_mesh_device(tensor_model_parallel_size=layout.tp)
-        mpu = ds_groups
+        mpu = init_tensor_parallel_groups(layout.tp)
     if layout.ep > 1 and layout.tp > 1:
         _count_expert_norms_on_every_lane(model)
     if layout.ep > 1:
@@ -231,50 +230,22 @@ def _set_table_groups(tables: SparseTableAdamW, layout: ParallelLayout) -> None:
     and identical gradients: each counted once). With EP the replicas of a shard are its
     expert-data-parallel group, and the shards of a table form the EP group.
     """
-    from deepspeed.utils import groups
-
     if layout.ep > 1:
         name = f"ep_size_{layout.ep}"
-        replica, shard = groups._get_expert_data_parallel_group(name), groups._get_expert_parallel_group(name)
+        replica, shard = expert_data_parallel_group(name), expert_parallel_group(name)
     else:
-        replica, shard = (groups._get_data_parallel_group() if layout.dp > 1 else None), None
+        replica, shard = (data_parallel_group() if layout.dp > 1 else None), None
     for spec in tables.tables:
         spec.replica_group, spec.shard_group = replica, shard
 
 
 def include_table_norm(optimizer: Any, tables: SparseTableAdamW) -> None:
-    """Make DeepSpeed's global gradient norm (clipping, overflow check, reported norm) include the tables'.
+    """Make DeepSpeed's global gradient norm include the tables'.
 
     The trainer stores the tables' squared norm (summed over all ranks, identical
-    everywhere) in ``tables.pending_sq_norm`` before ``engine.step()``. Wraps private
-    methods of the pinned DeepSpeed (tests/test_deepspeed_contract.py checks them):
-    ZeRO 1/2's ``scaled_global_norm`` and, for bf16 at ZeRO 0 (DeepSpeed's unfused
-    fp16/bf16 optimizer), ``unscale_and_clip_grads``.
+    everywhere) in ``tables.pending_sq_norm`` before ``engine.step()``.
     """
-    if hasattr(optimizer, "scaled_global_norm"):  # ZeRO 1/2: returns norm * loss_scale
-        original_norm = optimizer.scaled_global_norm
-
-        def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
-            norm = original_norm(norm_type)
-            if float(norm) < 0:  # DeepSpeed's sentinel for an invalid (NaN/Inf) norm
-                return norm
-            extra = tables.pending_sq_norm.to(norm.device, torch.float64) * float(optimizer.loss_scale) ** 2
-            return (norm.double().square() + extra).sqrt().to(norm.dtype)
-
-        optimizer.scaled_global_norm = scaled_global_norm
-    elif hasattr(optimizer, "unscale_and_clip_grads") and hasattr(optimizer, "loss_scale_config"):  # bf16, ZeRO 0
-        original_clip = optimizer.unscale_and_clip_grads
-
-        def unscale_and_clip_grads(total_norm: Any, apply_scale: bool = True) -> Any:
-            scale = float(optimizer.loss_scale_config.cur_scale)  # it hands over the loss-scaled norm
-            total = math.sqrt(float(total_norm) ** 2 + float(tables.pending_sq_norm) * scale**2)
-            optimizer._global_grad_norm = total
-            return original_clip(total, apply_scale)
-
-        optimizer.unscale_and_clip_grads = unscale_and_clip_grads
-    else:
-        raise RuntimeError(f"cannot add the expert tables' gradient norm to {type(optimizer).__name__}'s; "
-                           "use train.expert_update='dense'")
+    add_to_global_grad_norm(optimizer, lambda: tables.pending_sq_norm)
 
 
 def _count_expert_norms_on_every_lane(model: nn.Module) -> None:
@@ -284,5 +255,5 @@ def _count_expert_norms_on_every_lane(model: nn.Module) -> None:
     (measured: clipping then differs from one process by ~4e-4 relative). Marked model-parallel,
     every lane counts its partition and ZeRO's sum over the TP group adds them up."""
     for p in model.parameters():
-        if not getattr(p, "allreduce", True):
-            p.model_parallel = True
+        if is_expert_parameter(p):
+            count_in_every_tp_lane(p)

@@ -45,13 +45,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
 
 import torch
 
@@ -59,6 +56,7 @@ from peer_dist.config import FaultsConfig
 from peer_dist.errors import ConfigError
 from peer_dist.fileio import write_atomic
 from peer_dist.log import get_logger
+from peer_dist.specs import ENV_VAR, KINDS, SAVE_PHASES, Fault, parse_fault, parse_faults, split_specs
 
 # Exit codes of the injected crashes: distinct from 0 (done), 1 (a Python error), 2
 # (EXIT_USER_ERROR), 75 (EXIT_PREEMPTED), 124 (timeout) and 128 + N (killed by signal N),
@@ -66,160 +64,8 @@ from peer_dist.log import get_logger
 EXIT_INJECTED_CRASH = 86
 EXIT_INJECTED_SAVE_CRASH = 87
 
-ENV_VAR = "PEER_DIST_FAULTS"
-
-# Points inside save_checkpoint where during_save() is called (see FaultPlan.during_save).
-SAVE_PHASES = ("start", "written", "commit")
-
-# Keys each kind takes besides step (required) and rank (optional).
-KINDS: dict[str, tuple[str, ...]] = {
-    "crash": (),
-    "crash_in_save": ("phase",),
-    "nan": (),
-    "inf": (),
-    "spike": ("factor",),
-    "hang": ("seconds",),
-    "signal": ("sig",),
-    "corrupt_checkpoint": ("file",),
-}
 _LOSS_KINDS = ("nan", "inf", "spike")
 _STEP_KINDS = ("crash", "hang", "signal")
-_SYNTAX = "kind:step=N[:rank=R][:key=value...]"
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One parsed fault spec; fields a kind does not use keep their defaults."""
-
-    kind: str
-    step: int
-    rank: int | None = None  # None: every rank
-    phase: str = "written"  # crash_in_save
-    factor: float = 10.0  # spike
-    seconds: float | None = None  # hang; None: for ever
-    sig: int = int(signal.SIGTERM)  # signal
-    file: str = "trainer_state.json"  # corrupt_checkpoint: a glob relative to the checkpoint folder
-
-    def matches(self, step: int, rank: int) -> bool:
-        return step == self.step and (self.rank is None or rank == self.rank)
-
-    @property
-    def spec(self) -> str:
-        """Canonical text: the kind, step, rank and the kind's own keys (defaults written out)."""
-        parts = [self.kind, f"step={self.step}"] + ([f"rank={self.rank}"] if self.rank is not None else [])
-        for key in KINDS[self.kind]:
-            value = getattr(self, key)
-            if key == "sig":
-                value = signal.Signals(value).name
-            parts.append(f"{key}={'forever' if value is None else value}")
-        return ":".join(parts)
-
-
-# ---------------------------------------------------------------------------- parsing
-
-
-def _int_at_least(minimum: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"must be an integer >= {minimum}") from None
-        if value < minimum:
-            raise ValueError(f"must be an integer >= {minimum}")
-        return value
-    return parse
-
-
-def _seconds(text: str) -> float | None:
-    return None if text.lower() == "forever" else _positive_float(text)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("must be a finite number > 0") from None
-    if not 0 < value < float("inf"):
-        raise ValueError("must be a finite number > 0")
-    return value
-
-
-def _phase(text: str) -> str:
-    if text not in SAVE_PHASES:
-        raise ValueError(f"allowed phases: {', '.join(SAVE_PHASES)}")
-    return text
-
-
-def _signal(text: str) -> int:
-    """Any signal, SIGKILL included (a kill -9 drill): "SIGUSR1", "usr1" or a number."""
-    try:
-        if text.isdigit():
-            return int(signal.Signals(int(text)))
-        name = text.upper()
-        return int(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
-    except (KeyError, ValueError):
-        raise ValueError("must be a signal name such as SIGTERM, SIGUSR1, SIGKILL, or its number") from None
-
-
-def _relative_glob(text: str) -> str:
-    path = PurePosixPath(text)
-    if not text or path.is_absolute() or ".." in path.parts:
-        raise ValueError("must be a path (glob) inside the checkpoint folder, e.g. trainer_state.json or state/*.pt")
-    return text
-
-
-_PARSERS = {"step": _int_at_least(1), "rank": _int_at_least(0), "phase": _phase, "factor": _positive_float,
-            "seconds": _seconds, "sig": _signal, "file": _relative_glob}
-
-
-def parse_fault(text: str, source: str = "fault") -> Fault:
-    """``"crash:step=5:rank=1"`` -> :class:`Fault`; a clear ConfigError naming the spec otherwise.
-
-    ``source`` names where the spec came from in messages (``faults.inject[0]``,
-    ``PEER_DIST_FAULTS``).
-    """
-    spec = text.strip()
-    where = f"{source}: fault spec {spec!r}"
-    kind, *parts = [p.strip() for p in spec.split(":")]
-    kind = kind.lower()
-    if kind not in KINDS:
-        raise ConfigError(f"{where}: unknown kind {kind!r}; allowed kinds: {', '.join(KINDS)} "
-                          f"(syntax {_SYNTAX})")
-    allowed = ("step", "rank", *KINDS[kind])
-    values: dict[str, Any] = {}
-    for part in parts:
-        key, sep, raw = part.partition("=")
-        key, raw = key.strip().lower(), raw.strip()
-        if not sep or not key:
-            raise ConfigError(f"{where}: {part!r} must look like key=value (syntax {_SYNTAX})")
-        if key not in allowed:
-            raise ConfigError(f"{where}: key {key!r} is not allowed for kind {kind}; "
-                              f"allowed keys: {', '.join(allowed)}")
-        if key in values:
-            raise ConfigError(f"{where}: key {key!r} is given twice")
-        try:
-            values[key] = _PARSERS[key](raw)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {key}={raw!r} {exc}") from None
-    if "step" not in values:
-        raise ConfigError(f"{where}: step=N is required (the N-th optimizer step, as in the log lines; "
-                          f"syntax {_SYNTAX})")
-    return Fault(kind=kind, **values)
-
-
-def split_specs(text: str) -> list[str]:
-    """``"crash:step=5;nan:step=3, hang:step=2"`` -> the specs (``;`` or ``,`` separated, blanks dropped)."""
-    return [s.strip() for s in text.replace(",", ";").split(";") if s.strip()]
-
-
-def parse_faults(cfg: FaultsConfig, environ: Mapping[str, str] | None = None) -> list[Fault]:
-    """The faults of ``faults.inject``, then those of ``PEER_DIST_FAULTS``, in order."""
-    faults = []
-    for i, item in enumerate(cfg.inject):
-        faults += [parse_fault(s, f"faults.inject[{i}]") for s in split_specs(item)]
-    env = os.environ if environ is None else environ
-    faults += [parse_fault(s, ENV_VAR) for s in split_specs(env.get(ENV_VAR, ""))]
-    return faults
 
 
 # ---------------------------------------------------------------------------- the plan

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from peer_dist.errors import ConfigError
+from peer_dist.specs import parse_signal
 from peer_dist.log import get_logger
 
 # Exit code of a run that stopped on a signal after writing a checkpoint: "try again
@@ -46,33 +46,12 @@ EXIT_PREEMPTED = 75
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 # Exit code of a second Ctrl-C: abort at once (128 + SIGINT, as a shell reports it).
 EXIT_ABORTED = 130
-_UNCATCHABLE = {"SIGKILL", "SIGSTOP"}
 
 
 def _say(text: str) -> None:
     """One line on stderr from rank 0 (or a process without a rank), safe inside a signal handler."""
     if os.environ.get("RANK", "0") == "0":
         os.write(2, text.encode())
-
-
-def parse_signal(name: str | int) -> signal.Signals:
-    """``"SIGTERM"``, ``"TERM"``, ``"usr1"`` or a number -> the signal; anything else is a clear error."""
-    if isinstance(name, int) or (isinstance(name, str) and name.strip().isdigit()):
-        try:
-            sig = signal.Signals(int(name))
-        except ValueError:
-            raise ConfigError(f"signal number {name} does not exist on this system") from None
-    else:
-        key = name.strip().upper()
-        key = key if key.startswith("SIG") else f"SIG{key}"
-        try:
-            sig = signal.Signals[key]
-        except KeyError:
-            raise ConfigError(f"unknown signal {name!r}; use a name such as SIGTERM, SIGUSR1, SIGUSR2, "
-                              "SIGINT") from None
-    if sig.name in _UNCATCHABLE:
-        raise ConfigError(f"signal {sig.name} cannot be caught; use SIGTERM, SIGUSR1, SIGUSR2 or SIGINT")
-    return sig
 
 
 class PreemptionHandler:

@@ -29,6 +29,7 @@ from peer_dist.log import get_logger, setup_logging
 from peer_dist.model import ExpertPlacement, build_model, lm_loss
 from peer_dist.model.flops import model_flops_per_token
 from peer_dist.parallel.data_parallel import sync_batch_statistics
+from peer_dist.parallel.deepspeed_private import data_parallel_group, expert_parallel_group, tensor_parallel_group
 from peer_dist.parallel.env import DistEnv, detect_env, finish_distributed, init_distributed, pick_backend, pick_device
 from peer_dist.parallel.expert_parallel import dispatch_metrics, parallelize_experts
 from peer_dist.parallel.layout import ParallelLayout
@@ -114,9 +115,8 @@ def _set_up(cfg: Config) -> _Setup:
     parallelize_experts(model, layout, env.rank, row_sparse_tables=cfg.train.expert_update == "sparse")
     engine = build_engine(model, cfg, layout)
     if layout.dp > 1:
-        from deepspeed.utils import groups
 
-        sync_batch_statistics(model, groups._get_data_parallel_group())
+        sync_batch_statistics(model, data_parallel_group())
     get_logger().info("parallel layout: %s", layout.describe())
     flops = model_flops_per_token(cfg.model, vocab, manifest.seq_len)
     return _Setup(env, layout, device, manifest, model, engine, flops_per_token=flops, started=started)
@@ -434,11 +434,10 @@ def _rollback(cfg: Config, setup: _Setup, loop: _Loop) -> None:
 
 def _sharded_groups(setup: _Setup) -> tuple[Any, Any]:
     """(EP group, TP group) over which sharded gradient norms are summed; None where unsharded."""
-    from deepspeed.utils import groups
 
     layout = setup.layout
-    ep = groups._get_expert_parallel_group(f"ep_size_{layout.ep}") if layout.ep > 1 else None
-    tp = groups.get_tensor_model_parallel_group() if layout.tp > 1 else None
+    ep = expert_parallel_group(f"ep_size_{layout.ep}") if layout.ep > 1 else None
+    tp = tensor_parallel_group() if layout.tp > 1 else None
     return ep, tp
 
 
