@@ -35,6 +35,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "crash_in_save": ("phase",),
     "nan": (),
     "inf": (),
+    "nan_grad": (),
     "spike": ("factor",),
     "hang": ("seconds",),
     "signal": ("sig",),

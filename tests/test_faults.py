@@ -161,3 +161,17 @@ def test_async_save_equals_sync_and_survives_a_crash_during_the_write(tmp_path: 
     _assert_matches(tmp_path / "run", reference)
     ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
     assert [c.step for c in ckpts] == [12, 9, 6] and all(verify(c) is None for c in ckpts)
+
+
+def test_finite_loss_with_nan_gradients_on_one_rank_is_skipped(tmp_path: Path, tiny_data: Path) -> None:
+    """Rank 1's backward of step 5 gives NaN gradients while every loss stays finite: the guard
+    must still skip the step on both ranks (weights unchanged, counted, logged), not apply it."""
+    _run(tmp_path, tiny_data, ['faults.inject=["nan_grad:step=5:rank=1"]', "train.ckpt_interval=1",
+                               "train.ckpt_keep=20"])
+    ckpts = tmp_path / "run" / "checkpoints"
+    weights = {s: final_weights(ckpts / f"step_{s:06d}") for s in (4, 5, 6)}
+    for name in weights[4]:
+        assert torch.equal(weights[5][name], weights[4][name]), name
+    assert all(torch.isfinite(w).all() for w in weights[6].values())
+    last = [r for r in read_metrics(tmp_path / "run") if "train/bad_steps" in r][-1]
+    assert last["train/bad_steps"] == 1

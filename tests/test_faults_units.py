@@ -58,7 +58,7 @@ def test_canonical_spec_text() -> None:
 
 
 @pytest.mark.parametrize("text, message", [
-    ("boom:step=1", "unknown kind 'boom'; allowed kinds: crash, crash_in_save, nan, inf, spike, hang, signal, "
+    ("boom:step=1", "unknown kind 'boom'; allowed kinds: crash, crash_in_save, nan, inf, nan_grad, spike, hang, signal, "
                     "corrupt_checkpoint"),
     ("", "unknown kind ''"),
     ("crash", "step=N is required"),

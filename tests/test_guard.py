@@ -269,3 +269,28 @@ def test_nonfinite_table_gradients_make_a_finite_loss_step_bad() -> None:
     assert not guard.check(1.0, step=1, grads_finite=True)
     assert guard.check(1.0, step=2, grads_finite=False)  # finite loss, NaN/Inf expert-table gradients
     assert guard.bad_steps_total == 1 and guard.bad_window == (2, 2)
+
+
+def test_nonfinite_gradients_on_one_rank_make_the_step_bad_everywhere() -> None:
+    """Finite losses everywhere, NaN gradients on rank 1 only: both ranks skip the step."""
+    results = run_ranks(_grads_worker, 2, timeout=120)
+    assert results == [[False, True, False]] * 2
+
+
+def _grads_worker(rank: int, world: int) -> list[bool]:
+    guard = StepGuard(GuardConfig(spike_factor=0.0, spike_window=1, max_bad_steps=10))
+    return [guard.check(1.0, step=s, local_grads_finite=not (s == 2 and rank == 1)) for s in (1, 2, 3)]
+
+
+def test_gradient_watch_sees_nan_in_a_backward_with_a_finite_loss() -> None:
+    from peer_dist.train.faults import _NaNGradient
+    from peer_dist.train.guard import GradientWatch
+
+    layer = torch.nn.Linear(4, 2)
+    watch = GradientWatch(layer.parameters())
+    layer(torch.ones(3, 4)).sum().backward()
+    assert watch.take()  # finite
+    loss = _NaNGradient.apply(layer(torch.ones(3, 4)).sum())
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert not watch.take() and watch.take()  # NaN seen once, then reset

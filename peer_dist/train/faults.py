@@ -15,6 +15,7 @@ Kinds, their own keys (default) and the hook that fires them:
   ``phase`` (start / written / commit): ``os._exit(87)`` (:meth:`FaultPlan.during_save`)
 * ``nan`` / ``inf`` — every micro-batch loss of step N becomes NaN / +Inf (:meth:`FaultPlan.loss`)
 * ``spike``, ``factor`` (10) — every micro-batch loss of step N is multiplied by factor (``loss``)
+* ``nan_grad`` — the loss of step N stays finite but its backward gives NaN gradients (``loss``)
 * ``hang``, ``seconds`` (forever) — after step N: sleep (``after_step``)
 * ``signal``, ``sig`` (SIGTERM) — after step N: the signal to this process (``after_step``)
 * ``corrupt_checkpoint``, ``file`` (trainer_state.json) — after step N's checkpoint is
@@ -64,11 +65,23 @@ from peer_dist.specs import ENV_VAR, KINDS, SAVE_PHASES, Fault, parse_fault, par
 EXIT_INJECTED_CRASH = 86
 EXIT_INJECTED_SAVE_CRASH = 87
 
-_LOSS_KINDS = ("nan", "inf", "spike")
+_LOSS_KINDS = ("nan", "inf", "spike", "nan_grad")
 _STEP_KINDS = ("crash", "hang", "signal")
 
 
 # ---------------------------------------------------------------------------- the plan
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward; NaN backward: a finite loss whose gradients are all NaN."""
+
+    @staticmethod
+    def forward(ctx: object, loss: torch.Tensor) -> torch.Tensor:
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
 
 
 class FaultPlan:
@@ -117,6 +130,9 @@ class FaultPlan:
         """
         for fault in self.faults:
             if fault.kind in _LOSS_KINDS and fault.matches(step, rank) and self._claim(fault, rank, micro):
+                if fault.kind == "nan_grad":
+                    loss = _NaNGradient.apply(loss)
+                    continue
                 factor = {"nan": float("nan"), "inf": float("inf")}.get(fault.kind, fault.factor)
                 loss = loss * factor
         return loss

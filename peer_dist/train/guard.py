@@ -88,7 +88,7 @@ class StepGuard:
     # ------------------------------------------------------------------ decision
 
     def check(self, loss: torch.Tensor | float, group: dist.ProcessGroup | None = None, *,
-              step: int | None = None, grads_finite: bool = True) -> bool:
+              step: int | None = None, grads_finite: bool = True, local_grads_finite: bool = True) -> bool:
         """Whether this step is bad on any rank of ``group``; the same answer on every rank.
 
         ``loss``: this rank's (detached) loss of the step, a scalar (for grad_accum > 1 the
@@ -99,12 +99,16 @@ class StepGuard:
         calls it at the same point of every step. Without an initialised process group
         it decides on this process's loss alone. ``grads_finite``: False when gradients
         that are already the same on every rank (the row-sparse expert tables' norm, summed
-        over all ranks) are NaN/Inf: the step is bad whatever the loss.
+        over all ranks) are NaN/Inf: the step is bad whatever the loss. ``local_grads_finite``:
+        False when this rank's own backward produced a NaN/Inf gradient (see
+        :class:`GradientWatch`); counted over the ranks in the same all-reduce as the loss.
         """
         if not self.cfg.enabled:
             return False
-        nonfinite, mean_loss = self._reduce(loss, group)
+        nonfinite, mean_loss, bad_grads = self._reduce(loss, group, local_grads_finite)
         reason = self._bad_reason(nonfinite, mean_loss)
+        if reason is None and bad_grads:
+            reason = f"NaN/Inf gradients on {bad_grads} rank(s) with a finite loss"
         if reason is None and not grads_finite:
             reason = "NaN/Inf expert-table gradients"
         if reason is None:
@@ -113,8 +117,10 @@ class StepGuard:
         self._record_bad(reason, step)
         return True
 
-    def _reduce(self, loss: torch.Tensor | float, group: dist.ProcessGroup | None) -> tuple[int, float]:
-        """(number of ranks whose loss is not finite, mean loss over the ranks) from one all-reduce."""
+    def _reduce(self, loss: torch.Tensor | float, group: dist.ProcessGroup | None,
+                grads_finite: bool = True) -> tuple[int, float, int]:
+        """(ranks whose loss is not finite, mean loss over the ranks, ranks whose gradients are not
+        finite) from one all-reduce."""
         if isinstance(loss, torch.Tensor):
             value = loss.detach().reshape(()).double()
         else:
@@ -126,17 +132,17 @@ class StepGuard:
         # (a NaN is replaced by 0 so it cannot hide the count). Each rank's loss is a mean
         # over the same number of tokens, so the plain mean over ranks is the global-batch
         # mean. The reduced buffer is bitwise identical on every rank (each element is
-        # reduced once, then broadcast/all-gathered), so every decision below is too.
+        # reduced once, then broadcast/all-gathered), so every decision below is too. Element 2
+        # counts the ranks whose backward produced a NaN/Inf gradient.
+        buf = torch.stack([(~finite).double(), torch.where(finite, value, torch.zeros_like(value)),
+                           torch.tensor(0.0 if grads_finite else 1.0, dtype=torch.float64)])
+        world = 1
         if dist.is_available() and dist.is_initialized():
-            device = _flag_device(group)
-            buf = torch.stack([(~finite).double(), torch.where(finite, value, torch.zeros_like(value))]).to(device)
+            buf = buf.to(_flag_device(group))
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
             world = dist.get_world_size(group)
-        else:
-            buf = torch.stack([(~finite).double(), torch.where(finite, value, torch.zeros_like(value))])
-            world = 1
-        count, total = buf.tolist()  # NOTE: host sync (16 bytes, once per step: the skip decision needs it)
-        return round(count), total / world
+        count, total, bad_grads = buf.tolist()  # NOTE: host sync (24 bytes, once per step: the decision needs it)
+        return round(count), total / world, round(bad_grads)
 
     def _bad_reason(self, nonfinite: int, mean_loss: float) -> str | None:
         if nonfinite:
@@ -213,6 +219,29 @@ class StepGuard:
         self.bad_since_checkpoint = 0
         self.bad_window = None
         self.last_reason = None
+
+
+class GradientWatch:
+    """Notes NaN/Inf in this rank's gradients as its backward computes them.
+
+    A finite loss can come with non-finite gradients (an overflow inside the backward);
+    the loss check alone would apply such a step. Tensor hooks on the parameters see
+    every gradient before DeepSpeed reduces, partitions or frees it, whatever the ZeRO
+    stage or precision; the flag stays on the device (no host sync) until :meth:`take`.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        self._bad: torch.Tensor | None = None
+        self._handles = [p.register_hook(self._observe) for p in params if p.requires_grad]
+
+    def _observe(self, grad: torch.Tensor) -> None:
+        flag = ~torch.isfinite(grad).all()
+        self._bad = flag if self._bad is None else self._bad | flag
+
+    def take(self) -> bool:
+        """Whether every gradient since the last call was finite; resets. NOTE: host sync."""
+        bad, self._bad = self._bad, None
+        return bad is None or not bool(bad)
 
 
 def _flag_device(group: dist.ProcessGroup | None) -> torch.device:

@@ -36,7 +36,7 @@ from peer_dist.parallel.layout import ParallelLayout
 from peer_dist.train.engine import build_engine, clip_gradients, clips_manually, table_optimizer
 from peer_dist.train.metrics import MetricsWriter, evaluate, router_metrics
 from peer_dist.train.faults import FaultPlan
-from peer_dist.train.guard import DataSkips, StepGuard
+from peer_dist.train.guard import DataSkips, GradientWatch, StepGuard
 from peer_dist.train.signals import PreemptionHandler, requeue_slurm_job
 from peer_dist.train.sparse_tables import clip_scale, table_metrics
 
@@ -67,6 +67,7 @@ class _Setup:
     flops_per_token: float = 0.0  # training FLOPs per token of the model (peer_dist/model/flops.py)
     started: float = 0.0  # time.perf_counter() when set-up began
     state_buffers: list[str] | None = None  # persistent buffer names, see _state_buffers
+    gradients: GradientWatch | None = None  # NaN/Inf in this rank's gradients (the guard's second check)
 
 
 def run_training(cfg: Config) -> TrainResult:
@@ -119,7 +120,8 @@ def _set_up(cfg: Config) -> _Setup:
         sync_batch_statistics(model, data_parallel_group())
     get_logger().info("parallel layout: %s", layout.describe())
     flops = model_flops_per_token(cfg.model, vocab, manifest.seq_len)
-    return _Setup(env, layout, device, manifest, model, engine, flops_per_token=flops, started=started)
+    return _Setup(env, layout, device, manifest, model, engine, flops_per_token=flops, started=started,
+                  gradients=GradientWatch(engine.module.parameters()))
 
 
 def seed_everything(seed: int) -> None:
@@ -353,7 +355,8 @@ def _train_step(cfg: Config, setup: _Setup, loop: _Loop) -> tuple[torch.Tensor, 
         if last:
             table_sq = _reduce_tables(setup)
             bad = loop.guard.check(total / accum, step=step,  # NOTE: host sync (one small all-reduce)
-                                   grads_finite=table_sq is None or bool(torch.isfinite(table_sq)))
+                                   grads_finite=table_sq is None or bool(torch.isfinite(table_sq)),
+                                   local_grads_finite=setup.gradients.take())
             _skip_next_update(engine, bad)
             if bad:
                 _restore_buffers(engine.module, buffers)
