@@ -83,6 +83,23 @@ def test_shards_initialise_to_the_rows_of_the_full_table(layout: str) -> None:
         ExpertSharding(num_experts + 1, ep)
 
 
+@pytest.mark.parametrize("ep", [1, 4, 16])
+def test_a_shard_draws_only_its_own_init_blocks(ep: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up is O(rows held): under the default layout a rank's rows are a contiguous range of
+    init positions, so it draws its own blocks plus at most the two it shares at the edges."""
+    from peer_dist.model import expert_tables
+
+    num_experts, d = 128 * 128, 3
+    drawn = []
+    real_randn = torch.randn
+    monkeypatch.setattr(expert_tables.torch, "randn", lambda *a, **k: drawn.append(a[0]) or real_randn(*a, **k))
+    shard = ExpertTables(ExpertSharding(num_experts, ep, ep - 1, "permuted"), d, "gelu")
+    shard.reset_parameters(seed=3, std_u=1.0, std_v=1.0)
+    rows = num_experts // ep
+    assert rows <= sum(drawn) / 2 <= rows + 2 * expert_tables.INIT_BLOCK  # u and v
+    assert ep == 1 or sum(drawn) / 2 < num_experts
+
+
 # ---- the dispatch on 2 ranks, float64 -------------------------------------------------------
 
 N_EXPERTS, D, SLOTS = 16, 6, 3

@@ -18,9 +18,10 @@ better is measured by ``peer-dist bench ep`` (rows received per rank, max/mean);
 ``permuted`` is the default (see the README for the figures).
 
 Initialisation is a pure function of (seed, global id): rows are drawn in blocks of
-INIT_BLOCK ids from generators seeded with (seed, block), so a shard holds exactly
-the values the full table would have in those rows, without ever allocating the
-full table. This module never imports torch.distributed.
+INIT_BLOCK permuted positions from generators seeded with (seed, block), so a shard
+holds exactly the values the full table would have in those rows, whatever the layout
+and EP size, without ever allocating the full table; under the default layout a rank
+draws only its own blocks. This module never imports torch.distributed.
 """
 
 from __future__ import annotations
@@ -87,22 +88,33 @@ class ExpertSharding:
         return (positions * inverse) % self.num_experts
 
 
+def init_position(ids: Tensor, num_experts: int) -> Tensor:
+    """The position whose initial values global expert ``ids`` get: the permuted position
+    pi(i) of the module doc, whatever the layout (identity if the multiplier divides N)."""
+    multiplier = PERMUTE_MULTIPLIER % num_experts
+    return ids if multiplier == 0 else (ids * multiplier) % num_experts
+
+
 def init_rows_(table_LD: Tensor, global_ids_L: Tensor, num_experts: int, seed: int, std: float) -> None:
     """Fill row l with the N(0, std^2) draw that global id global_ids[l] gets for ``seed``.
 
-    Block b (ids [b * INIT_BLOCK, ...)) is always drawn whole from its own generator:
-    torch's CPU normal sampler orders its output differently for different sizes,
-    so drawing only part of a block would give other numbers.
+    Values are drawn by init position (:func:`init_position`) in blocks of INIT_BLOCK
+    positions, each block whole from its own generator seeded with (seed, block): torch's
+    CPU normal sampler orders its output differently for different sizes, so drawing only
+    part of a block would give other numbers. A rank of the default ``permuted`` layout
+    holds a contiguous range of positions, so it draws only its own blocks (plus at most
+    the two it shares at the edges of its range): start-up is O(rows held), not O(N).
     """
-    order = torch.argsort(global_ids_L)
-    sorted_ids = global_ids_L[order]
-    blocks = torch.unique(torch.div(sorted_ids, INIT_BLOCK, rounding_mode="floor")).tolist()
+    positions = init_position(global_ids_L, num_experts)
+    order = torch.argsort(positions)
+    sorted_pos = positions[order]
+    blocks = torch.unique(torch.div(sorted_pos, INIT_BLOCK, rounding_mode="floor")).tolist()
     for block in blocks:
         start = block * INIT_BLOCK
         gen = torch.Generator().manual_seed((seed * 1_000_003 + block) % (1 << 63))
         values = torch.randn(min(INIT_BLOCK, num_experts - start), table_LD.shape[1], generator=gen)
-        lo, hi = torch.searchsorted(sorted_ids, torch.tensor([start, start + INIT_BLOCK])).tolist()
-        table_LD[order[lo:hi]] = (values[sorted_ids[lo:hi] - start] * std).to(table_LD.dtype)
+        lo, hi = torch.searchsorted(sorted_pos, torch.tensor([start, start + INIT_BLOCK])).tolist()
+        table_LD[order[lo:hi]] = (values[sorted_pos[lo:hi] - start] * std).to(table_LD.dtype)
 
 
 class ExpertTables(nn.Module):
