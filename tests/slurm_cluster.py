@@ -1,6 +1,6 @@
 """A real, private Slurm cluster on this one machine, for the launcher tests.
 
-What runs (DESIGN §7): one ``munged`` (as user munge, on its own socket and key), one
+What runs (docs/testing.md, Slurm): one ``munged`` (as user munge, on its own socket and key), one
 ``slurmctld`` and two ``slurmd`` (``-N n1``/``-N n2``), each in the foreground (``-D``)
 as a child of the test process, all reading one ``slurm.conf`` written into a fresh
 temporary folder. Two emulated nodes with ``CPUs=1`` each (this machine has 2 cores).
@@ -38,7 +38,7 @@ NODES = ("n1", "n2")
 START_TIMEOUT_S = 60.0
 
 _CONF = """\
-# Written by tests/slurm_cluster.py for one test session; see DESIGN.md §7.
+# Written by tests/slurm_cluster.py for one test session (docs/testing.md).
 ClusterName=peerdist-test
 # Job ids (and so slurm/train.sbatch's MASTER_PORT = 20000 + id % 10000) differ between two
 # test sessions running at once on this machine.

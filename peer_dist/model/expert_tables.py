@@ -15,7 +15,7 @@ Product-key ids are a * n + b, so contiguous blocks group experts by their first
 sub-key a: a token whose top first-half sub-keys fall into one block sends all of
 its slots to one rank. The permutation mixes both halves into the owner. Which is
 better is measured by ``peer-dist bench ep`` (rows received per rank, max/mean);
-``permuted`` is the default (see the README for the figures).
+``permuted`` is the default (figures: docs/parallelism.md).
 
 Initialisation is a pure function of (seed, global id): rows are drawn in blocks of
 INIT_BLOCK permuted positions from generators seeded with (seed, block), so a shard

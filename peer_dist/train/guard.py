@@ -1,8 +1,9 @@
 """Bad steps: one decision for every rank, a rollback after too many, and the data they skip.
 
-DESIGN §6: "NaN/Inf or a loss spike: an all-reduced bad-step flag makes every rank
-skip the step; after K bad steps roll back to the last good checkpoint and skip the
-offending batch window, deterministically."
+The rule (docs/resume.md, "Bad steps"): a NaN/Inf loss or gradient, or a loss spike, on
+any rank makes every rank skip the step (one all-reduced flag); after K bad steps the run
+rolls back to the last good checkpoint and skips the offending batch window,
+deterministically.
 
 Step numbers. Everywhere in this module "step N" is the N-th optimizer step of the run
 (1-based): the value of the trainer's ``step`` counter *after* that step, the number in
