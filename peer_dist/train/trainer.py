@@ -116,7 +116,6 @@ def _set_up(cfg: Config) -> _Setup:
     parallelize_experts(model, layout, env.rank, row_sparse_tables=cfg.train.expert_update == "sparse")
     engine = build_engine(model, cfg, layout)
     if layout.dp > 1:
-
         sync_batch_statistics(model, data_parallel_group())
     get_logger().info("parallel layout: %s", layout.describe())
     flops = model_flops_per_token(cfg.model, vocab, manifest.seq_len)
