@@ -52,6 +52,7 @@ import torch.distributed as dist
 
 from peer_dist.config import GuardConfig
 from peer_dist.log import get_logger
+from peer_dist.parallel.env import flag_device
 
 T = TypeVar("T")
 
@@ -128,7 +129,7 @@ class StepGuard:
         # mean. The reduced buffer is bitwise identical on every rank (each element is
         # reduced once, then broadcast/all-gathered), so every decision below is too.
         if dist.is_available() and dist.is_initialized():
-            device = _flag_device(group)
+            device = flag_device(group)
             buf = torch.stack([(~finite).double(), torch.where(finite, value, torch.zeros_like(value))]).to(device)
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
             world = dist.get_world_size(group)
@@ -213,13 +214,6 @@ class StepGuard:
         self.bad_since_checkpoint = 0
         self.bad_window = None
         self.last_reason = None
-
-
-def _flag_device(group: dist.ProcessGroup | None) -> torch.device:
-    """Where the reduced buffer lives: the current CUDA device for NCCL, the CPU otherwise."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------- skipped data
