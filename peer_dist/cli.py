@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import peer_dist.parallel.launcher  # noqa: F401  (first: remembers the launcher's pid before torch loads)
 from peer_dist.errors import EXIT_USER_ERROR, UserError
 
 

@@ -9,6 +9,7 @@ folder, so the restart passes the same step without it.
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -161,3 +162,34 @@ def test_async_save_equals_sync_and_survives_a_crash_during_the_write(tmp_path: 
     _assert_matches(tmp_path / "run", reference)
     ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
     assert [c.step for c in ckpts] == [12, 9, 6] and all(verify(c) is None for c in ckpts)
+
+
+# ---------------------------------------------------------------------------- the run folder, the checkpoint choice
+
+
+def test_a_killed_launcher_takes_its_ranks_along(tmp_path: Path, tiny_data: Path, reference: Path) -> None:
+    """kill -9 of the torchrun agent after step 5 (the ranks run in sessions of their own): every rank
+    dies with it at once, nothing after step 5 is committed, and the restart continues exactly."""
+    fault = 'faults.inject=["signal:step=5:rank=0:sig=SIGKILL:target=launcher"]'
+    start = time.monotonic()
+    first = _run(tmp_path, tiny_data, [fault], check=False)  # returns once every rank closed the pipes
+    assert first.returncode == -signal.SIGKILL and time.monotonic() - start < 120, first.stderr[-3000:]
+    run = tmp_path / "run"
+    assert not _processes_running_in(run)
+    assert [c.step for c in list_checkpoints(run / "checkpoints")] == [3]
+    assert max(_losses_by_step(run)) == 5
+    _run(tmp_path, tiny_data, [fault])
+    _assert_matches(run, reference)
+
+
+def _processes_running_in(run: Path) -> list[int]:
+    """Live processes whose command line names the run folder (our ranks: run.name=... run.dir=...)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"run.dir={run.parent}" in (proc / "cmdline").read_text() \
+                    and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found

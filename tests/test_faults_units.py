@@ -44,6 +44,7 @@ from tests.helpers import ROOT, _env
     ("crash_in_save:step=6:phase=commit", Fault("crash_in_save", 6, phase="commit")),
     ("corrupt_checkpoint:step=6", Fault("corrupt_checkpoint", 6, file="trainer_state.json")),
     ("corrupt_checkpoint:step=6:file=state/*.pt:rank=0", Fault("corrupt_checkpoint", 6, 0, file="state/*.pt")),
+    ("signal:step=5:rank=0:sig=KILL:target=launcher", Fault("signal", 5, 0, sig=int(signal.SIGKILL), target="launcher")),
 ])
 def test_parse_good_specs(text: str, expected: Fault) -> None:
     fault = parse_fault(text)
@@ -55,11 +56,15 @@ def test_canonical_spec_text() -> None:
     assert parse_fault("signal:rank=1:step=5:sig=10").spec == "signal:step=5:rank=1:sig=SIGUSR1"
     assert parse_fault("hang:step=2").spec == "hang:step=2:seconds=forever"
     assert parse_fault("crash:step=3").spec == "crash:step=3"
+    # target=self is the default and left out: the text (and marker) of older signal specs is unchanged
+    assert parse_fault("signal:step=5:target=self").spec == "signal:step=5:sig=SIGTERM"
+    assert parse_fault("signal:step=5:target=launcher").spec == "signal:step=5:sig=SIGTERM:target=launcher"
 
 
 @pytest.mark.parametrize("text, message", [
     ("boom:step=1", "unknown kind 'boom'; allowed kinds: crash, crash_in_save, nan, inf, spike, hang, signal, "
                     "corrupt_checkpoint"),
+    ("signal:step=3:target=parent", "target='parent' allowed targets: self, launcher"),
     ("", "unknown kind ''"),
     ("crash", "step=N is required"),
     ("crash:rank=1", "step=N is required"),
@@ -103,6 +108,10 @@ def test_check_world() -> None:
     plan.check_world(4)
     with pytest.raises(ConfigError, match=r"rank=3 does not exist in a world of 2 \(ranks 0\.\.1\)"):
         plan.check_world(2)
+    launcher = FaultPlan([parse_fault("signal:step=5:sig=SIGKILL:target=launcher")])
+    launcher.check_world(2, under_agent=True)
+    with pytest.raises(ConfigError, match="target=launcher needs a job started by torchrun"):
+        launcher.check_world(1)  # a plain process: its parent is the user's shell (or the test runner)
 
 
 # ---------------------------------------------------------------------------- loss faults

@@ -1,6 +1,7 @@
 """The training loop: read it top to bottom.
 
     set-up (launcher env, process group, data manifest, model, DeepSpeed engine)
+    -> take the run folder's lease (one job per run folder)
     -> resume from the newest good checkpoint of the run folder, if any
     -> for each step: grad_accum micro-steps of forward/backward, one optimizer step
        (DeepSpeed), periodic logging, validation and checkpoints
@@ -31,11 +32,13 @@ from peer_dist.model.flops import model_flops_per_token
 from peer_dist.parallel.data_parallel import sync_batch_statistics
 from peer_dist.parallel.env import DistEnv, detect_env, finish_distributed, init_distributed, pick_backend, pick_device
 from peer_dist.parallel.expert_parallel import dispatch_metrics, parallelize_experts
+from peer_dist.parallel.launcher import die_with_launcher, under_torchrun_agent
 from peer_dist.parallel.layout import ParallelLayout
 from peer_dist.train.engine import build_engine, clip_gradients, clips_manually, table_optimizer
 from peer_dist.train.metrics import MetricsWriter, evaluate, router_metrics
 from peer_dist.train.faults import FaultPlan
 from peer_dist.train.guard import DataSkips, StepGuard
+from peer_dist.train.lease import RunLease, take_run_lease
 from peer_dist.train.signals import PreemptionHandler, requeue_slurm_job
 from peer_dist.train.sparse_tables import clip_scale, table_metrics
 
@@ -66,6 +69,7 @@ class _Setup:
     flops_per_token: float = 0.0  # training FLOPs per token of the model (peer_dist/model/flops.py)
     started: float = 0.0  # time.perf_counter() when set-up began
     state_buffers: list[str] | None = None  # persistent buffer names, see _state_buffers
+    lease: RunLease | None = None  # rank 0: this job's lease on the run folder
 
 
 def run_training(cfg: Config) -> TrainResult:
@@ -73,9 +77,11 @@ def run_training(cfg: Config) -> TrainResult:
 
     The stop-signal handlers stay installed until the process exits: Slurm sends
     SIGTERM again while a requeued job shuts down, and the default action would turn
-    the documented exit code 75 into a kill.
+    the documented exit code 75 into a kill. The run folder's lease is taken before
+    anything reads or writes the folder and given up on the way out, whatever the way.
     """
     setup = _set_up(cfg)
+    setup.lease = take_run_lease(cfg.run_dir)  # refuses (every rank, exit 2) if another job holds it
     stop = PreemptionHandler(cfg.train.stop_signals).install()
     try:
         result = _train(cfg, setup, stop)
@@ -83,6 +89,8 @@ def run_training(cfg: Config) -> TrainResult:
         wait_for_pending_save()
         if setup.writer is not None:
             setup.writer.close()
+        if setup.lease is not None:
+            setup.lease.release()
     finish_distributed()
     return result
 
@@ -99,6 +107,7 @@ def _set_up(cfg: Config) -> _Setup:
     started = time.perf_counter()
     env = detect_env()
     setup_logging(env.rank)
+    die_with_launcher()  # under torchrun: a rank must not outlive its agent (kill -9 of the launcher)
     layout = ParallelLayout(env.world, tp=cfg.parallel.tp, ep=cfg.parallel.ep)  # fails before any work
     device = pick_device(cfg.train.device, env)
     init_distributed(env, pick_backend(cfg.train.backend, device), timeout_s=cfg.train.collective_timeout_s)
@@ -209,7 +218,7 @@ def _train(cfg: Config, setup: _Setup, stop: PreemptionHandler) -> TrainResult:
                                  tensorboard=cfg.run.tensorboard, resume_step=saved["step"])
     loop = _Loop(_counters(saved), StepGuard(cfg.guard), DataSkips.from_state(saved.get("data_skips")),
                  FaultPlan.from_config(cfg.faults, marker_dir=cfg.run_dir / "faults"))
-    loop.plan.check_world(env.world)
+    loop.plan.check_world(env.world, under_torchrun_agent())
     if "guard" in saved:
         loop.guard.load_state_dict(saved["guard"])
     _open_data(cfg, setup, loop)
@@ -493,10 +502,15 @@ def _save(cfg: Config, setup: _Setup, loop: _Loop, final: bool = False) -> Path:
                          world=setup.env.world, layout=_layout_state(setup.layout),
                          global_batch=_global_batch(cfg, setup.layout), guard=loop.guard.state_dict(),
                          data_skips=loop.skips.state_dict())
+    def on_phase(phase: str) -> None:
+        if phase == "commit" and setup.lease is not None:
+            setup.lease.check()  # never commit into a run folder another job has taken over
+        loop.plan.during_save(loop.step, rank, phase)
+
     start = time.perf_counter()
     path = save_checkpoint(cfg.run_dir / "checkpoints", loop.step, setup.engine, trainer_state, dump_toml(cfg),
                            keep=cfg.train.ckpt_keep, layout=setup.layout, tp_group=_sharded_groups(setup)[1],
-                           on_phase=lambda phase: loop.plan.during_save(loop.step, rank, phase),
+                           on_phase=on_phase,
                            asynchronous=asynchronous)
     # How long training stood still for this save (asynchronous: gathering and copying only).
     setup.writer.scalars({"ckpt/blocking_s": time.perf_counter() - start}, loop.step)
