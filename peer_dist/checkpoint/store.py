@@ -13,8 +13,12 @@ Layout under ``<run_dir>/checkpoints/``::
 
 Commit protocol: every rank writes into ``.tmp-step_N/``; barrier (every rank has
 finished writing); rank 0 fsyncs and hashes the files, writes and fsyncs the manifest,
-renames the folder to ``step_N`` and replaces ``latest``; barrier. Resume takes the
-newest folder whose manifest verifies. DeepSpeed's own checkpoint is not used: it
+renames the folder to ``step_N`` and replaces ``latest``; barrier.
+
+Resume and rollback take the newest checkpoint every rank can read, chosen together
+(:func:`choose_checkpoint`): rank 0 proposes, each rank verifies the files it will read
+against the manifest, and all ranks take the same decision from the gathered answers.
+DeepSpeed's own checkpoint is not used: it
 cannot reload at another EP/DP size, writes one file per expert for native MoE, and
 its ``latest`` is written without fsync before its final barrier.
 The folder must be on a file system every rank sees (as for any multi-node trainer).
@@ -29,6 +33,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,9 +42,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from peer_dist.checkpoint.portable import DENSE_FILE, collect_portable, full_model_state, load_portable, write_files
+from peer_dist.checkpoint.portable import (
+    DENSE_FILE, EXPERTS_DIR, collect_portable, expert_files_to_read, full_model_state, load_portable, write_files,
+)
 from peer_dist.errors import CheckpointError
-from peer_dist.fileio import fsync_path, sha256_file, write_atomic
+from peer_dist.fileio import fsync_path, sha256_bytes, sha256_file, write_atomic
 from peer_dist.log import get_logger
 from peer_dist.parallel.layout import ParallelLayout
 
@@ -92,7 +99,7 @@ def save_checkpoint(ckpt_root: Path, step: int, engine: Any, trainer_state: dict
     dist.barrier()  # the previous save is committed everywhere; tmp is fresh
     on_phase("start")
     files = {f"{STATE_DIR}/{k}": v for k, v in collect_portable(engine, layout, tp_group, copy=asynchronous).items()}
-    files[f"rng/rank_{rank:05d}.pt"] = rng_state()
+    files[_rng_file(rank)] = rng_state()
     texts = {STATE: json.dumps(trainer_state, indent=2, sort_keys=True), "config.toml": config_toml} if rank == 0 else {}
     if not asynchronous:
         _write_rank_files(tmp, files, texts, on_phase)
@@ -186,14 +193,34 @@ def list_checkpoints(ckpt_root: Path) -> list[Checkpoint]:
 
 def verify(ckpt: Checkpoint) -> str | None:
     """None when every file in the manifest is present with its size and sha256; else why not."""
-    manifest_path = ckpt.path / MANIFEST
-    if not manifest_path.is_file():
-        return "no manifest (the save did not complete)"
+    entries = _manifest_entries(ckpt)
+    if isinstance(entries, str):
+        return entries
+    return verify_files(ckpt, entries, entries)
+
+
+def _manifest_entries(ckpt: Checkpoint) -> dict[str, Any] | str:
+    """The manifest's file entries, or why there are none."""
     try:
-        entries = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError):
+        raw = (ckpt.path / MANIFEST).read_bytes()
+    except FileNotFoundError:
+        return "no manifest (the save did not complete)"
+    return _parse_manifest(raw)
+
+
+def _parse_manifest(raw: bytes) -> dict[str, Any] | str:
+    try:
+        return json.loads(raw)["files"]
+    except (ValueError, KeyError, TypeError):
         return "manifest does not parse"
-    for rel, meta in entries.items():
+
+
+def verify_files(ckpt: Checkpoint, entries: dict[str, Any], names: Iterable[str]) -> str | None:
+    """None when each of ``names`` is in the manifest and on disk with its size and sha256; else why not."""
+    for rel in names:
+        meta = entries.get(rel)
+        if meta is None:
+            return f"file {rel} is not in the manifest"
         path = ckpt.path / rel
         if not path.is_file():
             return f"missing file {rel}"
@@ -205,7 +232,10 @@ def verify(ckpt: Checkpoint) -> str | None:
 
 
 def latest_good(ckpt_root: Path) -> Checkpoint | None:
-    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+    """The newest checkpoint that verifies (every file); damaged ones are reported and skipped.
+
+    One process on its own (eval, export). A training job uses :func:`choose_checkpoint`.
+    """
     log = get_logger()
     for ckpt in list_checkpoints(ckpt_root):
         problem = verify(ckpt)
@@ -213,6 +243,74 @@ def latest_good(ckpt_root: Path) -> Checkpoint | None:
             return ckpt
         log.warning("skipping checkpoint %s: %s; falling back to the previous one", ckpt.path, problem)
     return None
+
+
+def choose_checkpoint(ckpt_root: Path, layout: ParallelLayout, expert_layout: str | None = None,
+                      visible: Callable[[Checkpoint], bool] | None = None) -> Checkpoint | None:
+    """Collective: the newest checkpoint that every rank can read, the same one on every rank.
+
+    Rank 0 lists the committed checkpoints (newest first) and broadcasts the list: one it
+    does not see is never a candidate. For each candidate, every rank reads the manifest it
+    sees and verifies (size, sha256) only the files it will load (:func:`files_to_load`);
+    the answers (manifest sha256, problem) are all-gathered, and a candidate is taken only
+    when no rank has a problem and all saw the same manifest. Each rank decides from the
+    same gathered answers, so the ranks cannot disagree; a checkpoint that one rank cannot
+    see (a file system view that lags) is skipped by all. ``visible``: fault injection.
+    """
+    visible = visible or (lambda _ckpt: True)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names: list[Any] = [[c.path.name for c in list_checkpoints(ckpt_root) if visible(c)] if rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    for name in names[0]:
+        ckpt = Checkpoint(ckpt_root / name, int(name.split("_")[1]))
+        answer = _readable(ckpt, layout, expert_layout) if visible(ckpt) else (None, "not visible on this rank")
+        answers: list[Any] = [None] * world
+        dist.all_gather_object(answers, answer)
+        problems = [f"rank {r}: {problem}" for r, (_, problem) in enumerate(answers) if problem]
+        if not problems and len({digest for digest, _ in answers}) > 1:
+            problems = ["the ranks see different manifests (their views of the file system disagree)"]
+        if not problems:
+            return ckpt
+        if rank == 0:
+            get_logger().warning("skipping checkpoint %s: %s; falling back to the previous one", ckpt.path,
+                                 "; ".join(problems))
+    return None
+
+
+def _readable(ckpt: Checkpoint, layout: ParallelLayout, expert_layout: str | None) -> tuple[str | None, str | None]:
+    """(sha256 of the manifest this rank sees, None or why this rank cannot load ``ckpt``)."""
+    try:
+        raw = (ckpt.path / MANIFEST).read_bytes()
+    except OSError:
+        return None, "no manifest (the save did not complete)"
+    entries = _parse_manifest(raw)
+    if isinstance(entries, str):
+        return sha256_bytes(raw), entries
+    problem = verify_files(ckpt, entries, [STATE])  # small, and it says which other files to read
+    if problem is None:
+        problem = verify_files(ckpt, entries, files_to_load(ckpt, entries, layout, expert_layout))
+    return sha256_bytes(raw), problem
+
+
+def files_to_load(ckpt: Checkpoint, entries: dict[str, Any], layout: ParallelLayout,
+                  expert_layout: str | None = None) -> list[str]:
+    """The checkpoint files (relative paths) this rank reads to resume at ``layout``.
+
+    The trainer state, the dense state, this rank's RNG state when the saving run had the
+    same world size, and the expert shard files this rank takes rows from: only its own
+    shard when the saving run split the experts the same way (same EP size and
+    ``parallel.expert_layout``), else every shard (resharding by global id).
+    """
+    state = ckpt.trainer_state()
+    rank = dist.get_rank()
+    names = [STATE, f"{STATE_DIR}/{DENSE_FILE}"]
+    if state.get("world") == dist.get_world_size() and _rng_file(rank) in entries:
+        names.append(_rng_file(rank))
+    same_split = (expert_layout is not None and state.get("expert_layout") == expert_layout
+                  and state.get("layout", {}).get("ep") == layout.ep)
+    in_state = [n.removeprefix(f"{STATE_DIR}/") for n in entries if n.startswith(f"{STATE_DIR}/")]
+    names += [f"{STATE_DIR}/{n}" for n in expert_files_to_read(in_state, layout, rank, same_split)]
+    return names
 
 
 def resolve_checkpoint(path: str | Path) -> Checkpoint:
@@ -248,17 +346,26 @@ def load_module_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     return full_model_state(ckpt.path / STATE_DIR)
 
 
-def load_engine_state(ckpt: Checkpoint, engine: Any, layout: ParallelLayout) -> int:
+def load_engine_state(ckpt: Checkpoint, engine: Any, layout: ParallelLayout, expert_layout: str | None = None) -> int:
     """Collective: restore model and optimizer into ``engine`` (any layout) and this rank's RNG.
 
-    Returns Adam's step count. The RNG states come back only when this rank existed in
-    the saving run (same world size); training itself draws no random numbers.
+    Reads exactly :func:`files_to_load` (what :func:`choose_checkpoint` verified on this
+    rank). Returns Adam's step count. The RNG states come back only when this rank existed
+    in the saving run (same world size); training itself draws no random numbers.
     """
-    step_count = load_portable(ckpt.path / STATE_DIR, engine, layout)
-    rng_file = ckpt.path / "rng" / f"rank_{dist.get_rank():05d}.pt"
-    if ckpt.trainer_state().get("world") == dist.get_world_size() and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    entries = _manifest_entries(ckpt)
+    if isinstance(entries, str):
+        raise CheckpointError(f"checkpoint {ckpt.path}: {entries}")
+    names = files_to_load(ckpt, entries, layout, expert_layout)
+    experts = {n.removeprefix(f"{STATE_DIR}/") for n in names if n.startswith(f"{STATE_DIR}/{EXPERTS_DIR}/")}
+    step_count = load_portable(ckpt.path / STATE_DIR, engine, layout, expert_files=experts)
+    if _rng_file(dist.get_rank()) in names:
+        set_rng_state(torch.load(ckpt.path / _rng_file(dist.get_rank()), weights_only=False))
     return step_count
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng/rank_{rank:05d}.pt"
 
 
 def rng_state() -> dict[str, Any]:

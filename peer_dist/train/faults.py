@@ -19,6 +19,10 @@ Kinds, their own keys (default) and the hook that fires them:
 * ``signal``, ``sig`` (SIGTERM), ``target`` (self) — after step N: the signal to this
   process, or with ``target=launcher`` to its torchrun agent (a ``kill -9`` of the
   launcher: every rank must die with it; only under torchrun) (``after_step``)
+* ``hide_checkpoint`` — the checkpoint of step N is invisible to this rank the first
+  time the job chooses a checkpoint (resume, rollback) while it exists, as on a node
+  whose view of a shared file system lags: no rank may use it then
+  (:meth:`FaultPlan.hides_checkpoint`)
 * ``corrupt_checkpoint``, ``file`` (trainer_state.json) — after step N's checkpoint is
   committed: 4 bytes in the middle of every file matching the glob ``file`` (relative to
   the checkpoint folder) are overwritten, size unchanged, so its sha256 check fails and
@@ -83,6 +87,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "hang": ("seconds",),
     "signal": ("sig", "target"),
     "corrupt_checkpoint": ("file",),
+    "hide_checkpoint": (),
 }
 SIGNAL_TARGETS = ("self", "launcher")
 # Keys added after specs were in use: left out of the canonical text at their default, so
@@ -320,6 +325,11 @@ class FaultPlan:
             if (fault.kind == "crash_in_save" and fault.phase == phase and fault.matches(step, rank)
                     and self._claim(fault, rank)):
                 _exit_now(EXIT_INJECTED_SAVE_CRASH)
+
+    def hides_checkpoint(self, step: int, rank: int) -> bool:
+        """Whether the checkpoint of step N is invisible to ``rank`` (asked once per checkpoint and choice)."""
+        return any(fault.kind == "hide_checkpoint" and fault.matches(step, rank) and self._claim(fault, rank)
+                   for fault in self.faults)
 
     def after_save(self, step: int, rank: int, path: str | Path) -> None:
         """After the checkpoint of step N is committed at ``path``: corrupt_checkpoint faults."""

@@ -2,7 +2,7 @@
 
     set-up (launcher env, process group, data manifest, model, DeepSpeed engine)
     -> take the run folder's lease (one job per run folder)
-    -> resume from the newest good checkpoint of the run folder, if any
+    -> resume from the newest checkpoint every rank can read, if any
     -> for each step: grad_accum micro-steps of forward/backward, one optimizer step
        (DeepSpeed), periodic logging, validation and checkpoints
     -> final validation and checkpoint; the summary names the perplexity and log folder.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from peer_dist.checkpoint.store import latest_good, load_engine_state, save_checkpoint, wait_for_pending_save
+from peer_dist.checkpoint.store import Checkpoint, choose_checkpoint, load_engine_state, save_checkpoint, wait_for_pending_save
 from peer_dist.config import Config, config_hash, dump_toml
 from peer_dist.data import Manifest, TrainStream, val_batches
 from peer_dist.errors import CheckpointError, ConfigError
@@ -136,8 +136,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
-    """Restore the newest good checkpoint of the run folder; refuse one from another run.
+def _resume(cfg: Config, setup: _Setup, plan: FaultPlan) -> dict[str, Any]:
+    """Restore the newest checkpoint every rank can read; refuse one from another run.
 
     The parallel layout and the world size may differ from the saving run's (elastic
     resume: expert tables and optimizer state are resharded); the global batch may not,
@@ -145,7 +145,7 @@ def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
     """
     expected = {"config_hash": config_hash(cfg), "data_fingerprint": setup.manifest.fingerprint,
                 "global_batch": _global_batch(cfg, setup.layout)}
-    ckpt = latest_good(cfg.run_dir / "checkpoints")
+    ckpt = _choose(cfg, setup, plan)
     if ckpt is None:
         return {"step": 0, "consumed_samples": 0, "consumed_tokens": 0}
     state = ckpt.trainer_state()
@@ -164,10 +164,22 @@ def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
     if state.get("layout") != _layout_state(setup.layout):
         get_logger().info("elastic resume: checkpoint written at world %s %s, resharding to world %d %s",
                           state.get("world"), state.get("layout"), setup.env.world, _layout_state(setup.layout))
-    load_engine_state(ckpt, setup.engine, setup.layout)
+    load_engine_state(ckpt, setup.engine, setup.layout, cfg.parallel.expert_layout)
     _schedule_lr_at(setup.engine, state["step"])
     get_logger().info("resumed from %s (step %d)", ckpt.path, state["step"])
     return state
+
+
+def _choose(cfg: Config, setup: _Setup, plan: FaultPlan) -> Checkpoint | None:
+    """Collective: the checkpoint to resume or roll back to, the same on every rank (store.choose_checkpoint)."""
+    rank, seen = setup.env.rank, {}
+
+    def visible(ckpt: Checkpoint) -> bool:  # hide_checkpoint faults; one answer per checkpoint per choice
+        if ckpt.step not in seen:
+            seen[ckpt.step] = not plan.hides_checkpoint(ckpt.step, rank)
+        return seen[ckpt.step]
+
+    return choose_checkpoint(cfg.run_dir / "checkpoints", setup.layout, cfg.parallel.expert_layout, visible)
 
 
 def _global_batch(cfg: Config, layout: ParallelLayout) -> int:
@@ -210,15 +222,15 @@ class _Loop:
 
 def _train(cfg: Config, setup: _Setup, stop: PreemptionHandler) -> TrainResult:
     log, t, env = get_logger(), cfg.train, setup.env
-    saved = _resume(cfg, setup)
+    plan = FaultPlan.from_config(cfg.faults, marker_dir=cfg.run_dir / "faults")
+    plan.check_world(env.world, under_torchrun_agent())
+    saved = _resume(cfg, setup, plan)
     if env.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.toml").write_text(dump_toml(cfg))
     setup.writer = MetricsWriter(cfg.run_dir / "tensorboard", cfg.run_dir / "metrics.jsonl", enabled=env.is_main,
                                  tensorboard=cfg.run.tensorboard, resume_step=saved["step"])
-    loop = _Loop(_counters(saved), StepGuard(cfg.guard), DataSkips.from_state(saved.get("data_skips")),
-                 FaultPlan.from_config(cfg.faults, marker_dir=cfg.run_dir / "faults"))
-    loop.plan.check_world(env.world, under_torchrun_agent())
+    loop = _Loop(_counters(saved), StepGuard(cfg.guard), DataSkips.from_state(saved.get("data_skips")), plan)
     if "guard" in saved:
         loop.guard.load_state_dict(saved["guard"])
     _open_data(cfg, setup, loop)
@@ -390,7 +402,7 @@ def _rollback(cfg: Config, setup: _Setup, loop: _Loop) -> None:
     """Too many bad steps: reload the newest good checkpoint and skip the data of the bad window."""
     wait_for_pending_save()
     dist.barrier()  # an asynchronous save of rank 0 is committed before anyone looks
-    ckpt = latest_good(cfg.run_dir / "checkpoints")
+    ckpt = _choose(cfg, setup, loop.plan)
     first, last = loop.guard.bad_window
     if ckpt is None:
         raise CheckpointError(
@@ -398,7 +410,7 @@ def _rollback(cfg: Config, setup: _Setup, loop: _Loop) -> None:
             "checkpoint to roll back to: set train.ckpt_interval, lower train.lr, or raise guard.max_bad_steps")
     added = loop.skips.skip_training_steps(first, last)
     saved = ckpt.trainer_state()
-    load_engine_state(ckpt, setup.engine, setup.layout)
+    load_engine_state(ckpt, setup.engine, setup.layout, cfg.parallel.expert_layout)
     _schedule_lr_at(setup.engine, saved["step"])
     loop.guard.rollback(saved.get("guard"))
     loop.state = _counters(saved)
@@ -500,8 +512,8 @@ def _save(cfg: Config, setup: _Setup, loop: _Loop, final: bool = False) -> Path:
     rank, asynchronous = setup.env.rank, cfg.train.async_save and not final
     trainer_state = dict(loop.state, config_hash=config_hash(cfg), data_fingerprint=setup.manifest.fingerprint,
                          world=setup.env.world, layout=_layout_state(setup.layout),
-                         global_batch=_global_batch(cfg, setup.layout), guard=loop.guard.state_dict(),
-                         data_skips=loop.skips.state_dict())
+                         expert_layout=cfg.parallel.expert_layout, global_batch=_global_batch(cfg, setup.layout),
+                         guard=loop.guard.state_dict(), data_skips=loop.skips.state_dict())
     def on_phase(phase: str) -> None:
         if phase == "commit" and setup.lease is not None:
             setup.lease.check()  # never commit into a run folder another job has taken over
