@@ -208,3 +208,43 @@ def test_a_checkpoint_one_rank_cannot_see_is_used_by_none(tmp_path: Path, tiny_d
     if rank == 1:  # rank 0 proposed it, rank 1 could not read it
         assert "skipping checkpoint" in second.stderr and "rank 1: not visible on this rank" in second.stderr
     _assert_matches(tmp_path / "run", reference)
+
+
+# ---------------------------------------------------------------------------- failing checkpoint writes
+
+
+@pytest.mark.parametrize("fault", ["fail_save:step=6:rank=1", "fail_save:step=6:rank=0:phase=commit"])
+def test_a_failed_async_save_is_reported_everywhere_and_training_goes_on(tmp_path: Path, tiny_data: Path,
+                                                                         reference: Path, fault: str) -> None:
+    """An I/O error while one rank writes step 6 in the background (or while rank 0 commits it):
+    every rank logs it at the next step boundary, ckpt/failed_saves counts it, step 6 is never
+    committed, the saves of steps 9 and 12 do not depend on it, and the job exits 0."""
+    proc = _run(tmp_path, tiny_data, ["train.async_save=true", f'faults.inject=["{fault}"]'])
+    for r in (0, 1):
+        assert f"[rank {r}] ERROR asynchronous checkpoint step_000006 failed and was not committed" in proc.stderr
+    assert "injected write failure" in proc.stderr
+    failed = [r for r in read_metrics(tmp_path / "run") if "ckpt/failed_saves" in r]
+    assert [r["ckpt/failed_saves"] for r in failed] == [1.0] and 7 <= failed[0]["step"] <= 8, failed
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert [c.step for c in list_checkpoints(ckpts)] == [12, 9, 3] and not list(ckpts.glob(".tmp-*"))
+    assert all(verify(c) is None for c in list_checkpoints(ckpts))
+    _assert_matches(tmp_path / "run", reference)
+
+
+@pytest.mark.parametrize("faults,step", [(["fail_save:step=12:rank=1"], 12),
+                                         (["signal:step=5:rank=1:sig=SIGUSR1", "fail_save:step=5:rank=0"], 5)],
+                         ids=["final", "stop-signal"])
+def test_a_failed_final_save_never_exits_0_or_75(tmp_path: Path, tiny_data: Path, reference: Path,
+                                                 faults: list[str], step: int) -> None:
+    """The final checkpoint (or the one a stop signal promises) cannot be written on one rank: every
+    rank exits 74 with one line naming the rank and the newest committed checkpoint; a restart of the
+    same command resumes from that one and finishes exactly."""
+    inject = "faults.inject=[" + ",".join(f'"{f}"' for f in faults) + "]"
+    first = _run(tmp_path, tiny_data, [inject], check=False)
+    assert first.returncode != 0 and first.stderr.count("exitcode  : 74") == 2, first.stderr[-3000:]
+    line = next(x for x in first.stderr.splitlines() if "peer-dist train: error:" in x)
+    assert f"step_{step:06d} was not committed: rank {1 if step == 12 else 0}: OSError" in line
+    newest = list_checkpoints(tmp_path / "run" / "checkpoints")[0]
+    assert f"the newest committed checkpoint is {newest.path.name}" in line and newest.step < step
+    _run(tmp_path, tiny_data, [inject])  # the faults fired already
+    _assert_matches(tmp_path / "run", reference)

@@ -3,6 +3,7 @@ abrupt crashes with the documented exit codes (in child processes), once-only fi
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import signal
@@ -45,6 +46,8 @@ from tests.helpers import ROOT, _env
     ("crash_in_save:step=6:phase=commit", Fault("crash_in_save", 6, phase="commit")),
     ("corrupt_checkpoint:step=6", Fault("corrupt_checkpoint", 6, file="trainer_state.json")),
     ("corrupt_checkpoint:step=6:file=state/*.pt:rank=0", Fault("corrupt_checkpoint", 6, 0, file="state/*.pt")),
+    ("fail_save:step=6:rank=1", Fault("fail_save", 6, 1, phase="written")),
+    ("fail_save:step=6:phase=commit", Fault("fail_save", 6, phase="commit")),
     ("hide_checkpoint:step=9:rank=1", Fault("hide_checkpoint", 9, 1)),
     ("signal:step=5:rank=0:sig=KILL:target=launcher", Fault("signal", 5, 0, sig=int(signal.SIGKILL), target="launcher")),
 ])
@@ -61,13 +64,14 @@ def test_canonical_spec_text() -> None:
     # target=self is the default and left out: the text (and marker) of older signal specs is unchanged
     assert parse_fault("signal:step=5:target=self").spec == "signal:step=5:sig=SIGTERM"
     assert parse_fault("signal:step=5:target=launcher").spec == "signal:step=5:sig=SIGTERM:target=launcher"
+    assert parse_fault("fail_save:step=2").spec == "fail_save:step=2:phase=written"
 
 
 @pytest.mark.parametrize("text, message", [
-    ("boom:step=1", "unknown kind 'boom'; allowed kinds: crash, crash_in_save, nan, inf, spike, hang, "
+    ("boom:step=1", "unknown kind 'boom'; allowed kinds: crash, crash_in_save, fail_save, nan, inf, spike, hang, "
                     "signal, corrupt_checkpoint, hide_checkpoint"),
-    ("hide_checkpoint:step=3:file=x", "key 'file' is not allowed for kind hide_checkpoint; allowed keys: step, rank"),
     ("signal:step=3:target=parent", "target='parent' allowed targets: self, launcher"),
+    ("hide_checkpoint:step=3:file=x", "key 'file' is not allowed for kind hide_checkpoint; allowed keys: step, rank"),
     ("", "unknown kind ''"),
     ("crash", "step=N is required"),
     ("crash:rank=1", "step=N is required"),
@@ -305,7 +309,19 @@ def test_fault_env_var_name_matches_docs() -> None:
     assert ENV_VAR == "PEER_DIST_FAULTS" and ENV_VAR in FaultsConfig.__doc__
 
 
-# ---------------------------------------------------------------------------- hide_checkpoint
+# ---------------------------------------------------------------------------- fail_save, hide_checkpoint
+
+
+def test_fail_save_raises_an_io_error_at_its_phase_once(tmp_path: Path) -> None:
+    plan = FaultPlan([parse_fault("fail_save:step=6:rank=1:phase=commit")], tmp_path / "faults")
+    plan.during_save(6, 1, "written")  # another phase
+    plan.during_save(6, 0, "commit")  # another rank
+    plan.during_save(5, 1, "commit")  # another step
+    with pytest.raises(OSError, match=r"injected write failure \(fail_save:step=6:rank=1:phase=commit\)") as info:
+        plan.during_save(6, 1, "commit")
+    assert info.value.errno == errno.EIO
+    plan.during_save(6, 1, "commit")  # once per run folder
+    assert FaultPlan(plan.faults, tmp_path / "faults").pending(1) == []
 
 
 def test_hide_checkpoint_hides_once_per_run_folder(tmp_path: Path) -> None:
@@ -386,3 +402,29 @@ def test_ranks_take_the_same_checkpoint_whatever_each_one_sees(tmp_path: Path) -
                            "state/experts/blocks.1.ffn.ep000.pt"]
     assert ranks[1][1] == ["trainer_state.json", "state/dense.pt", "rng/rank_00001.pt",
                            "state/experts/blocks.1.ffn.ep001.pt"]
+
+
+# ---------------------------------------------------------------------------- asynchronous saves
+
+
+def test_the_committer_stops_waiting_when_a_rank_reports_a_failure(tmp_path: Path) -> None:
+    import threading
+
+    from peer_dist.checkpoint.store import _wait_for_markers
+    from peer_dist.errors import CheckpointSaveError
+
+    (tmp_path / ".written-rank-00000").touch()
+    (tmp_path / ".failed-rank-00001").write_text("OSError: [Errno 28] No space left on device")
+    start = time.monotonic()
+    with pytest.raises(CheckpointSaveError, match="rank 1 could not write its files: OSError: .*No space left"):
+        _wait_for_markers(tmp_path, 2, timeout_s=600, cancel=threading.Event())
+    assert time.monotonic() - start < 1.0
+    (tmp_path / ".failed-rank-00001").unlink()
+    with pytest.raises(CheckpointSaveError, match=r"within 0.3 s \(train.collective_timeout_s\)"):
+        _wait_for_markers(tmp_path, 2, timeout_s=0.3, cancel=threading.Event())
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CheckpointSaveError, match="given up"):
+        _wait_for_markers(tmp_path, 2, timeout_s=600, cancel=cancel)
+    (tmp_path / ".written-rank-00001").touch()
+    _wait_for_markers(tmp_path, 2, timeout_s=600, cancel=threading.Event())  # every rank wrote: returns

@@ -11,9 +11,12 @@ Layout under ``<run_dir>/checkpoints/``::
         manifest.json       every file above with size and sha256 (written last, fsync'd)
     latest                  name of the newest committed checkpoint (atomic os.replace)
 
-Commit protocol: every rank writes into ``.tmp-step_N/``; barrier (every rank has
-finished writing); rank 0 fsyncs and hashes the files, writes and fsyncs the manifest,
-renames the folder to ``step_N`` and replaces ``latest``; barrier.
+Commit protocol: every rank writes into ``.tmp-step_N/``; the ranks agree that every
+rank has written (one all-reduce: a rank whose write failed says so, and then nobody
+commits); rank 0 fsyncs and hashes the files, writes and fsyncs the manifest, renames the
+folder to ``step_N`` and replaces ``latest``; the ranks agree that the commit happened.
+Asynchronous saves do the writing in a background thread per rank and report how it
+ended at a later step boundary (:func:`poll_async_save`).
 
 Resume and rollback take the newest checkpoint every rank can read, chosen together
 (:func:`choose_checkpoint`): rank 0 proposes, each rank verifies the files it will read
@@ -34,7 +37,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,9 +48,10 @@ import torch.distributed as dist
 from peer_dist.checkpoint.portable import (
     DENSE_FILE, EXPERTS_DIR, collect_portable, expert_files_to_read, full_model_state, load_portable, write_files,
 )
-from peer_dist.errors import CheckpointError
+from peer_dist.errors import CheckpointError, CheckpointSaveError
 from peer_dist.fileio import fsync_path, sha256_bytes, sha256_file, write_atomic
 from peer_dist.log import get_logger
+from peer_dist.parallel.env import flag_device
 from peer_dist.parallel.layout import ParallelLayout
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -74,89 +78,245 @@ def step_dir_name(step: int) -> str:
 
 def save_checkpoint(ckpt_root: Path, step: int, engine: Any, trainer_state: dict[str, Any],
                     config_toml: str, keep: int, layout: ParallelLayout, tp_group: Any = None,
-                    on_phase: Callable[[str], None] | None = None, asynchronous: bool = False) -> Path:
+                    on_phase: Callable[[str], None] | None = None, asynchronous: bool = False,
+                    timeout_s: float = 600.0) -> Path:
     """Collective: every rank calls it. Returns the folder the checkpoint is (or will be) committed to.
 
-    Synchronous: returns once the checkpoint is committed. Asynchronous: returns once the
-    state is gathered and copied (the only collective part); a background thread per rank
-    writes the files and leaves a marker, and rank 0's thread commits when every rank's
-    marker is there. Until then the previous checkpoint is the newest valid one, so a crash
-    during the write loses nothing committed. The next save (and the end of training)
-    first waits for the pending one: :func:`wait_for_pending_save`.
+    Synchronous: returns once the checkpoint is committed. If any rank cannot write its
+    files, or rank 0 cannot commit, every rank raises the same :class:`CheckpointSaveError`
+    and nothing is committed (the previous checkpoint stays the newest).
+
+    Asynchronous: returns once the state is gathered and copied (the only collective part);
+    a background thread per rank writes the files and leaves a marker (or, on an error, a
+    failure marker with the reason), and rank 0's thread commits when every rank's marker is
+    there. It waits at most ``timeout_s`` (train.collective_timeout_s) and gives up at once
+    when a rank reports a failure. Until the commit the previous checkpoint is the newest
+    valid one, so a crash or a failed write loses nothing committed. The outcome is
+    collected collectively: :func:`poll_async_save` at every step boundary,
+    :func:`await_async_save` before the next save, a rollback or the end; a save refuses
+    to start while the previous one is unreported.
 
     ``on_phase(phase)`` runs at "start" (before writing), "written" (this rank's files are
     on disk) and, on rank 0, "commit" (manifest written, folder not yet renamed): the
-    fault-injection points.
+    fault-injection points, and where the trainer checks its run-folder lease. An
+    exception there fails the save like a failed write.
     """
+    global _pending
     on_phase = on_phase or (lambda _phase: None)
-    wait_for_pending_save()
+    if _pending is not None:
+        raise RuntimeError("await_async_save() must collect the previous asynchronous save before the next one")
     rank = dist.get_rank()
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f".tmp-{step_dir_name(step)}"
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
-    dist.barrier()  # the previous save is committed everywhere; tmp is fresh
-    on_phase("start")
+        for old in ckpt_root.glob(".tmp-step_*"):  # left by a crash or a failed save: never committed
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # the previous save is settled everywhere; tmp is fresh
     files = {f"{STATE_DIR}/{k}": v for k, v in collect_portable(engine, layout, tp_group, copy=asynchronous).items()}
     files[_rng_file(rank)] = rng_state()
     texts = {STATE: json.dumps(trainer_state, indent=2, sort_keys=True), "config.toml": config_toml} if rank == 0 else {}
+
+    def write() -> None:
+        _write_rank_files(tmp, files, texts, on_phase)
+
+    def commit(before_rename: Callable[[], None] = lambda: None) -> None:
+        _commit(tmp, final, ckpt_root, on_phase, before_rename)
+        _prune(ckpt_root, keep)
+
     if not asynchronous:
-        _write_rank_files(tmp, files, texts, on_phase)
-        dist.barrier()  # every rank has written its files
-        if rank == 0:
-            _commit(tmp, final, ckpt_root, on_phase)
-            _prune(ckpt_root, keep)
-        dist.barrier()
+        _agree(ckpt_root, final.name, _attempt(write))  # every rank has written its files
+        _agree(ckpt_root, final.name, _attempt(commit) if rank == 0 else None)
         return final
-
-    def write_and_commit() -> None:
-        _write_rank_files(tmp, files, texts, on_phase)
-        (tmp / f".written-rank-{rank:05d}").touch()
-        if rank == 0:
-            _wait_for_markers(tmp, dist_world)
-            for marker in tmp.glob(".written-rank-*"):
-                marker.unlink()
-            _commit(tmp, final, ckpt_root, on_phase)
-            _prune(ckpt_root, keep)
-
-    dist_world = dist.get_world_size()
-    global _pending
-    _pending = threading.Thread(target=write_and_commit, name=f"checkpoint-{step}", daemon=False)
-    _pending.start()
+    _pending = _AsyncSave(final.name, tmp)
+    _pending.start(write, commit, rank, dist.get_world_size(), timeout_s)
     return final
 
 
-_pending: threading.Thread | None = None
-_MARKER_TIMEOUT_S = 3600.0
+@dataclass
+class SaveOutcome:
+    """How an asynchronous save ended, the same on every rank: ``errors`` maps rank -> what went wrong."""
+
+    name: str  # step_NNNNNN
+    errors: dict[int, str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def describe(self) -> str:
+        return "; ".join(f"rank {r}: {e}" for r, e in sorted(self.errors.items()))
 
 
-def wait_for_pending_save() -> None:
-    """Block until this process's asynchronous save (if any) has written (rank 0: committed)."""
+@dataclass
+class _AsyncSave:
+    """This rank's asynchronous save: the writer thread and what it reported."""
+
+    name: str
+    tmp: Path
+    thread: threading.Thread | None = None
+    error: str | None = None  # set by the writer thread
+    reported: bool = False  # the outcome went out at a step boundary (a straggler may still write)
+    cancel: threading.Event = field(default_factory=threading.Event)  # rank 0: do not commit
+    committing: bool = False  # rank 0: past the point of no return (the rename)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, write: Callable[[], None], commit: Callable[[Callable[[], None]], None], rank: int,
+              world: int, timeout_s: float) -> None:
+        def run() -> None:
+            try:
+                write()
+                (self.tmp / f".written-rank-{rank:05d}").touch()
+                if rank == 0:
+                    _wait_for_markers(self.tmp, world, timeout_s, self.cancel)
+                    for marker in self.tmp.glob(".written-rank-*"):  # not part of the checkpoint
+                        marker.unlink()
+                    commit(self.claim_commit)
+            except Exception as exc:  # reported at the next step boundary, on every rank
+                self.error = _describe(exc)
+                try:  # tells rank 0's committer at once (it stops waiting for this rank's marker)
+                    (self.tmp / f".failed-rank-{rank:05d}").write_text(self.error)
+                except OSError:
+                    pass
+
+        self.thread = threading.Thread(target=run, name=f"checkpoint-{self.name}", daemon=True)
+        self.thread.start()
+
+    def claim_commit(self) -> None:
+        """Rank 0's writer, right before the rename: commit only if nobody gave up on this save."""
+        with self.lock:
+            if self.cancel.is_set():
+                raise CheckpointSaveError("given up before the commit (see the failure reported for this save)")
+            self.committing = True
+
+    def give_up(self, reason: str) -> None:
+        """The wait for this save ran out: it must not commit later; unless the rename already began."""
+        with self.lock:
+            if self.committing:
+                return
+            self.cancel.set()
+            self.error = self.error or reason
+        assert self.thread is not None
+        self.thread.join(timeout=5.0)  # it stops at its next check
+
+
+_pending: _AsyncSave | None = None
+
+
+def poll_async_save() -> SaveOutcome | None:
+    """Collective, at every step boundary: the outcome of the asynchronous save in flight, once known.
+
+    None while every rank is still writing (or nothing is pending). Costs one 16-byte
+    all-reduce per step while a save is in flight, nothing otherwise. A failure on any rank
+    is reported at the first boundary after it, on every rank, even while other ranks still
+    write; rank 0 then gives up that save (it will not commit it).
+    """
     global _pending
-    if _pending is not None:
-        _pending.join()
+    p = _pending
+    if p is None or p.reported:  # the same on every rank: set by the same collective decisions
+        return None
+    assert p.thread is not None
+    errors, running = _gather_errors(p.error, running=p.thread.is_alive())
+    if running and not errors:
+        return None
+    p.reported = True
+    if errors:
+        p.cancel.set()
+    if not running:
         _pending = None
+    return SaveOutcome(p.name, errors)
+
+
+def await_async_save(timeout_s: float) -> SaveOutcome | None:
+    """Collective: wait (at most ``timeout_s``) for this rank's asynchronous save; its outcome if not yet reported.
+
+    A writer still busy after ``timeout_s`` counts as failed (rank 0 will not commit that
+    save) and is left behind: the next save does not depend on it.
+    """
+    global _pending
+    p = _pending
+    if p is None:
+        return None
+    assert p.thread is not None
+    p.thread.join(timeout_s)
+    if p.thread.is_alive():
+        p.give_up(f"still writing after {timeout_s:g} s (train.collective_timeout_s)")
+    _pending = None
+    if p.reported:  # the same on every rank
+        return None
+    errors, _ = _gather_errors(p.error)
+    return SaveOutcome(p.name, errors)
+
+
+def wait_for_pending_save(timeout_s: float = 600.0) -> None:
+    """Not collective, for the way out after an error: let this rank's writer finish (bounded)."""
+    global _pending
+    if _pending is not None and _pending.thread is not None:
+        _pending.thread.join(timeout_s)
+    _pending = None
+
+
+def _attempt(action: Callable[[], None]) -> str | None:
+    try:
+        action()
+    except Exception as exc:
+        return _describe(exc)
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _gather_errors(error: str | None, running: bool = False) -> tuple[dict[int, str], int]:
+    """Collective: every rank's error (rank -> text, only those with one) and how many ranks still run."""
+    flags = torch.tensor([error is not None, running], dtype=torch.int64, device=flag_device())
+    dist.all_reduce(flags)  # SUM: ranks with an error, ranks still writing
+    failed, still_running = flags.tolist()  # NOTE: host sync (16 bytes)
+    if not failed:
+        return {}, still_running
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, error)
+    return {r: e for r, e in enumerate(gathered) if e is not None}, still_running
+
+
+def _agree(ckpt_root: Path, name: str, error: str | None) -> None:
+    """Collective barrier that raises the same CheckpointSaveError on every rank if any rank had an error."""
+    errors, _ = _gather_errors(error)
+    if errors:
+        newest = next(iter(list_checkpoints(ckpt_root)), None)
+        outcome = SaveOutcome(name, errors)
+        raise CheckpointSaveError(f"checkpoint {ckpt_root / name} was not committed: {outcome.describe()}; the "
+                                  f"newest committed checkpoint is {newest.path.name if newest else 'none'}")
 
 
 def _write_rank_files(tmp: Path, files: dict[str, Any], texts: dict[str, str],
                       on_phase: Callable[[str], None]) -> None:
+    on_phase("start")
     write_files(tmp, files)
     for name, text in texts.items():
         (tmp / name).write_text(text)
     on_phase("written")
 
 
-def _wait_for_markers(tmp: Path, world: int) -> None:
-    deadline = time.monotonic() + _MARKER_TIMEOUT_S
+def _wait_for_markers(tmp: Path, world: int, timeout_s: float, cancel: threading.Event) -> None:
+    """Rank 0's writer: until every rank left its marker; fails at once on a rank's failure marker."""
+    deadline = time.monotonic() + timeout_s
     while len(list(tmp.glob(".written-rank-*"))) < world:
+        failed = sorted(tmp.glob(".failed-rank-*"))
+        if failed:
+            rank = int(failed[0].name.rsplit("-", 1)[1])
+            raise CheckpointSaveError(f"rank {rank} could not write its files: {failed[0].read_text()}")
+        if cancel.is_set():
+            raise CheckpointSaveError("given up: another rank failed")
         if time.monotonic() > deadline:
-            raise CheckpointError(f"asynchronous checkpoint {tmp}: not every rank wrote its files within "
-                                  f"{_MARKER_TIMEOUT_S:g} s; it stays uncommitted")
-        time.sleep(0.05)
+            raise CheckpointSaveError(f"not every rank wrote its files within {timeout_s:g} s "
+                                      "(train.collective_timeout_s)")
+        cancel.wait(0.05)
 
 
-def _commit(tmp: Path, final: Path, ckpt_root: Path, on_phase: Callable[[str], None]) -> None:
+def _commit(tmp: Path, final: Path, ckpt_root: Path, on_phase: Callable[[str], None],
+            before_rename: Callable[[], None]) -> None:
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     for path in files:  # durable before the manifest says they are there
         fsync_path(path)
@@ -164,6 +324,7 @@ def _commit(tmp: Path, final: Path, ckpt_root: Path, on_phase: Callable[[str], N
                           for p in files}}
     write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     on_phase("commit")
+    before_rename()
     if final.exists():  # a re-save of the same step (e.g. after a rollback) replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -13,6 +13,11 @@ Kinds, their own keys (default) and the hook that fires them:
 * ``crash`` — after step N: ``os._exit(86)`` (:meth:`FaultPlan.after_step`)
 * ``crash_in_save``, ``phase`` (written) — inside the save of step N's checkpoint, at
   ``phase`` (start / written / commit): ``os._exit(87)`` (:meth:`FaultPlan.during_save`)
+* ``fail_save``, ``phase`` (written) — inside the save of step N's checkpoint, at
+  ``phase``: an ``OSError`` (EIO), as a full disk or a failing file server gives; the
+  process lives on. An asynchronous save reports it at the next step boundary on every
+  rank and training goes on; a synchronous one (the final save, a stop-signal save)
+  ends the job with exit 74 (``during_save``)
 * ``nan`` / ``inf`` — every micro-batch loss of step N becomes NaN / +Inf (:meth:`FaultPlan.loss`)
 * ``spike``, ``factor`` (10) — every micro-batch loss of step N is multiplied by factor (``loss``)
 * ``hang``, ``seconds`` (forever) — after step N: sleep (``after_step``)
@@ -49,6 +54,7 @@ per process. Within a process, a replay after a rollback does not fire it again 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -81,6 +87,7 @@ SAVE_PHASES = ("start", "written", "commit")
 KINDS: dict[str, tuple[str, ...]] = {
     "crash": (),
     "crash_in_save": ("phase",),
+    "fail_save": ("phase",),
     "nan": (),
     "inf": (),
     "spike": ("factor",),
@@ -105,7 +112,7 @@ class Fault:
     kind: str
     step: int
     rank: int | None = None  # None: every rank
-    phase: str = "written"  # crash_in_save
+    phase: str = "written"  # crash_in_save, fail_save
     factor: float = 10.0  # spike
     seconds: float | None = None  # hang; None: for ever
     sig: int = int(signal.SIGTERM)  # signal
@@ -322,9 +329,11 @@ class FaultPlan:
         if phase not in SAVE_PHASES:
             raise ValueError(f"save phase {phase!r}; allowed: {', '.join(SAVE_PHASES)}")
         for fault in self.faults:
-            if (fault.kind == "crash_in_save" and fault.phase == phase and fault.matches(step, rank)
+            if (fault.kind in ("crash_in_save", "fail_save") and fault.phase == phase and fault.matches(step, rank)
                     and self._claim(fault, rank)):
-                _exit_now(EXIT_INJECTED_SAVE_CRASH)
+                if fault.kind == "crash_in_save":
+                    _exit_now(EXIT_INJECTED_SAVE_CRASH)
+                raise OSError(errno.EIO, f"injected write failure ({fault.spec})")
 
     def hides_checkpoint(self, step: int, rank: int) -> bool:
         """Whether the checkpoint of step N is invisible to ``rank`` (asked once per checkpoint and choice)."""

@@ -22,7 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from peer_dist.checkpoint.store import Checkpoint, choose_checkpoint, load_engine_state, save_checkpoint, wait_for_pending_save
+from peer_dist.checkpoint.store import (
+    Checkpoint, SaveOutcome, await_async_save, choose_checkpoint, load_engine_state, poll_async_save, save_checkpoint,
+    wait_for_pending_save,
+)
 from peer_dist.config import Config, config_hash, dump_toml
 from peer_dist.data import Manifest, TrainStream, val_batches
 from peer_dist.errors import CheckpointError, ConfigError
@@ -86,7 +89,7 @@ def run_training(cfg: Config) -> TrainResult:
     try:
         result = _train(cfg, setup, stop)
     finally:
-        wait_for_pending_save()
+        wait_for_pending_save(cfg.train.collective_timeout_s)
         if setup.writer is not None:
             setup.writer.close()
         if setup.lease is not None:
@@ -210,6 +213,7 @@ class _Loop:
     skips: DataSkips  # data windows skipped after rollbacks
     plan: FaultPlan
     streams: list[TrainStream] = field(default_factory=list)  # every stream opened (for their stats)
+    failed_saves: int = 0  # asynchronous saves that failed in this process (metric ckpt/failed_saves)
     batches: Any = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     interval_start: float = 0.0
@@ -244,6 +248,7 @@ def _train(cfg: Config, setup: _Setup, stop: PreemptionHandler) -> TrainResult:
         step_loss, grad_norm, bad = _train_step(cfg, setup, loop)
         _advance(cfg, setup, loop)
         step = loop.step
+        _report_save(setup, loop, poll_async_save())  # collective while an asynchronous save is in flight
         if bad and loop.guard.needs_rollback:
             _rollback(cfg, setup, loop)
             interval_loss.zero_()
@@ -400,8 +405,8 @@ def _skip_next_update(engine: Any, skip: bool) -> None:
 
 def _rollback(cfg: Config, setup: _Setup, loop: _Loop) -> None:
     """Too many bad steps: reload the newest good checkpoint and skip the data of the bad window."""
-    wait_for_pending_save()
-    dist.barrier()  # an asynchronous save of rank 0 is committed before anyone looks
+    # An asynchronous save in flight is committed (or failed) on every rank before anyone looks.
+    _report_save(setup, loop, await_async_save(cfg.train.collective_timeout_s))
     ckpt = _choose(cfg, setup, loop.plan)
     first, last = loop.guard.bad_window
     if ckpt is None:
@@ -508,28 +513,44 @@ def _validate(cfg: Config, setup: _Setup, step: int) -> dict[str, float]:
 
 
 def _save(cfg: Config, setup: _Setup, loop: _Loop, final: bool = False) -> Path:
-    """Checkpoint the finished step; interval saves go to the background with train.async_save."""
-    rank, asynchronous = setup.env.rank, cfg.train.async_save and not final
+    """Checkpoint the finished step; interval saves go to the background with train.async_save.
+
+    A synchronous save that fails raises CheckpointSaveError on every rank (exit 74): the
+    final checkpoint, or the one a stop signal promises, is never missing after exit 0 or 75.
+    """
+    rank, step, asynchronous = setup.env.rank, loop.step, cfg.train.async_save and not final
+    start = time.perf_counter()
+    _report_save(setup, loop, await_async_save(cfg.train.collective_timeout_s))
     trainer_state = dict(loop.state, config_hash=config_hash(cfg), data_fingerprint=setup.manifest.fingerprint,
                          world=setup.env.world, layout=_layout_state(setup.layout),
                          expert_layout=cfg.parallel.expert_layout, global_batch=_global_batch(cfg, setup.layout),
                          guard=loop.guard.state_dict(), data_skips=loop.skips.state_dict())
-    def on_phase(phase: str) -> None:
+
+    def on_phase(phase: str) -> None:  # also runs in the background writer, while loop.step moves on
         if phase == "commit" and setup.lease is not None:
             setup.lease.check()  # never commit into a run folder another job has taken over
-        loop.plan.during_save(loop.step, rank, phase)
+        loop.plan.during_save(step, rank, phase)
 
-    start = time.perf_counter()
-    path = save_checkpoint(cfg.run_dir / "checkpoints", loop.step, setup.engine, trainer_state, dump_toml(cfg),
+    path = save_checkpoint(cfg.run_dir / "checkpoints", step, setup.engine, trainer_state, dump_toml(cfg),
                            keep=cfg.train.ckpt_keep, layout=setup.layout, tp_group=_sharded_groups(setup)[1],
-                           on_phase=on_phase,
-                           asynchronous=asynchronous)
+                           on_phase=on_phase, asynchronous=asynchronous, timeout_s=cfg.train.collective_timeout_s)
     # How long training stood still for this save (asynchronous: gathering and copying only).
     setup.writer.scalars({"ckpt/blocking_s": time.perf_counter() - start}, loop.step)
     loop.guard.note_checkpoint()
     if not asynchronous:  # corrupt_checkpoint faults act on committed checkpoints
         loop.plan.after_save(loop.step, rank, path)
     return path
+
+
+def _report_save(setup: _Setup, loop: _Loop, outcome: SaveOutcome | None) -> None:
+    """An asynchronous save that failed: one log line on every rank and the metric ckpt/failed_saves."""
+    if outcome is None or outcome.ok:
+        return
+    loop.failed_saves += 1
+    setup.writer.scalars({"ckpt/failed_saves": float(loop.failed_saves)}, loop.step)
+    get_logger().error("asynchronous checkpoint %s failed and was not committed (%s); training goes on, the "
+                       "previous checkpoint stays the newest and the next save does not depend on this one",
+                       outcome.name, outcome.describe())
 
 
 def _layout_state(layout: ParallelLayout) -> dict[str, int]:
