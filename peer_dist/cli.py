@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from peer_dist.errors import EXIT_USER_ERROR, UserError, first_to_report
+import peer_dist.parallel.launcher  # noqa: F401  (first: remembers the launcher's pid before torch loads)
+from peer_dist.errors import EXIT_SAVE_FAILED, EXIT_USER_ERROR, CheckpointSaveError, UserError, first_to_report
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -247,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if first_to_report(message):  # once per job, not once per rank
             print(message, file=sys.stderr)
         code = EXIT_USER_ERROR
+    except CheckpointSaveError as exc:
+        print(f"peer-dist {args.command}: error: {exc}", file=sys.stderr)
+        code = EXIT_SAVE_FAILED
     except KeyboardInterrupt:  # Ctrl-C outside training's own handler (set-up, eval, prepare, ...)
         print(f"peer-dist {args.command}: interrupted", file=sys.stderr)
         code = 130

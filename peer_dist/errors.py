@@ -5,6 +5,11 @@ missing checkpoint, a wrong launcher set-up) raises :class:`UserError` with one
 message that names what is wrong and what is allowed. The CLI prints the message
 (no traceback; once per job and machine, see :func:`first_to_report`) and exits with
 :data:`EXIT_USER_ERROR`.
+
+A checkpoint that could not be written (a full disk, an I/O error, a rank whose write
+failed) raises :class:`CheckpointSaveError`: not the user's doing, but also shown as one
+line; the CLI exits with :data:`EXIT_SAVE_FAILED`, so a job never exits 0 (or 75,
+"stopped with a checkpoint") when the checkpoint it promises is missing.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+EXIT_SAVE_FAILED = 74  # EX_IOERR in sysexits.h: an I/O error on some file
 
 
 class UserError(Exception):
@@ -35,6 +41,10 @@ class CheckpointError(UserError):
 
 class LaunchError(UserError):
     """A launcher set-up that cannot work (world sizes, environment)."""
+
+
+class CheckpointSaveError(Exception):
+    """A checkpoint could not be written or committed; it stays uncommitted (the previous one is intact)."""
 
 
 def first_to_report(message: str, environ: dict[str, str] | None = None) -> bool:

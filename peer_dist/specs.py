@@ -33,14 +33,20 @@ SAVE_PHASES = ("start", "written", "commit")
 KINDS: dict[str, tuple[str, ...]] = {
     "crash": (),
     "crash_in_save": ("phase",),
+    "fail_save": ("phase",),
     "nan": (),
     "inf": (),
     "nan_grad": (),
     "spike": ("factor",),
     "hang": ("seconds",),
-    "signal": ("sig",),
+    "signal": ("sig", "target"),
     "corrupt_checkpoint": ("file",),
+    "hide_checkpoint": (),
 }
+SIGNAL_TARGETS = ("self", "launcher")
+# Keys added after specs were in use: left out of the canonical text at their default, so
+# the text (and the once-only marker named after it) of an older spec stays the same.
+_UNSTATED_DEFAULTS = {"target": "self"}
 _SYNTAX = "kind:step=N[:rank=R][:key=value...]"
 
 
@@ -51,10 +57,11 @@ class Fault:
     kind: str
     step: int
     rank: int | None = None  # None: every rank
-    phase: str = "written"  # crash_in_save
+    phase: str = "written"  # crash_in_save, fail_save
     factor: float = 10.0  # spike
     seconds: float | None = None  # hang; None: for ever
     sig: int = int(signal.SIGTERM)  # signal
+    target: str = "self"  # signal: this process or its launcher (the torchrun agent)
     file: str = "trainer_state.json"  # corrupt_checkpoint: a glob relative to the checkpoint folder
 
     def matches(self, step: int, rank: int) -> bool:
@@ -66,6 +73,8 @@ class Fault:
         parts = [self.kind, f"step={self.step}"] + ([f"rank={self.rank}"] if self.rank is not None else [])
         for key in KINDS[self.kind]:
             value = getattr(self, key)
+            if key in _UNSTATED_DEFAULTS and _UNSTATED_DEFAULTS[key] == value:
+                continue
             if key == "sig":
                 value = signal.Signals(value).name
             parts.append(f"{key}={'forever' if value is None else value}")
@@ -125,8 +134,14 @@ def _relative_glob(text: str) -> str:
     return text
 
 
+def _target(text: str) -> str:
+    if text not in SIGNAL_TARGETS:
+        raise ValueError(f"allowed targets: {', '.join(SIGNAL_TARGETS)}")
+    return text
+
+
 _PARSERS = {"step": _int_at_least(1), "rank": _int_at_least(0), "phase": _phase, "factor": _positive_float,
-            "seconds": _seconds, "sig": _signal, "file": _relative_glob}
+            "seconds": _seconds, "sig": _signal, "file": _relative_glob, "target": _target}
 
 
 def parse_fault(text: str, source: str = "fault") -> Fault:

@@ -9,6 +9,7 @@ folder, so the restart passes the same step without it.
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -175,3 +176,87 @@ def test_finite_loss_with_nan_gradients_on_one_rank_is_skipped(tmp_path: Path, t
     assert all(torch.isfinite(w).all() for w in weights[6].values())
     last = [r for r in read_metrics(tmp_path / "run") if "train/bad_steps" in r][-1]
     assert last["train/bad_steps"] == 1
+# ---------------------------------------------------------------------------- the run folder, the checkpoint choice
+
+
+def test_a_killed_launcher_takes_its_ranks_along(tmp_path: Path, tiny_data: Path, reference: Path) -> None:
+    """kill -9 of the torchrun agent after step 5 (the ranks run in sessions of their own): every rank
+    dies with it at once, nothing after step 5 is committed, and the restart continues exactly."""
+    fault = 'faults.inject=["signal:step=5:rank=0:sig=SIGKILL:target=launcher"]'
+    start = time.monotonic()
+    first = _run(tmp_path, tiny_data, [fault], check=False)  # returns once every rank closed the pipes
+    assert first.returncode == -signal.SIGKILL and time.monotonic() - start < 120, first.stderr[-3000:]
+    run = tmp_path / "run"
+    assert not _processes_running_in(run)
+    assert [c.step for c in list_checkpoints(run / "checkpoints")] == [3]
+    assert max(_losses_by_step(run)) == 5
+    _run(tmp_path, tiny_data, [fault])
+    _assert_matches(run, reference)
+
+
+def _processes_running_in(run: Path) -> list[int]:
+    """Live processes whose command line names the run folder (our ranks: run.name=... run.dir=...)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"run.dir={run.parent}" in (proc / "cmdline").read_text() \
+                    and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_checkpoint_one_rank_cannot_see_is_used_by_none(tmp_path: Path, tiny_data: Path, reference: Path,
+                                                         rank: int) -> None:
+    """After a crash at step 10, step 9's checkpoint is invisible to one rank (a lagging file system
+    view): both ranks resume from step 6, and the run still equals the uninterrupted one."""
+    faults = f'faults.inject=["crash:step=10:rank=0","hide_checkpoint:step=9:rank={rank}"]'
+    assert _run(tmp_path, tiny_data, [faults], check=False).returncode != 0
+    assert [c.step for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == [9, 6, 3]
+    second = _run(tmp_path, tiny_data, [faults])
+    assert "resumed from" in second.stderr and "step_000006 (step 6)" in second.stderr, second.stderr[-3000:]
+    if rank == 1:  # rank 0 proposed it, rank 1 could not read it
+        assert "skipping checkpoint" in second.stderr and "rank 1: not visible on this rank" in second.stderr
+    _assert_matches(tmp_path / "run", reference)
+
+
+# ---------------------------------------------------------------------------- failing checkpoint writes
+
+
+@pytest.mark.parametrize("fault", ["fail_save:step=6:rank=1", "fail_save:step=6:rank=0:phase=commit"])
+def test_a_failed_async_save_is_reported_everywhere_and_training_goes_on(tmp_path: Path, tiny_data: Path,
+                                                                         reference: Path, fault: str) -> None:
+    """An I/O error while one rank writes step 6 in the background (or while rank 0 commits it):
+    every rank logs it at the next step boundary, ckpt/failed_saves counts it, step 6 is never
+    committed, the saves of steps 9 and 12 do not depend on it, and the job exits 0."""
+    proc = _run(tmp_path, tiny_data, ["train.async_save=true", f'faults.inject=["{fault}"]'])
+    for r in (0, 1):
+        assert f"[rank {r}] ERROR asynchronous checkpoint step_000006 failed and was not committed" in proc.stderr
+    assert "injected write failure" in proc.stderr
+    failed = [r for r in read_metrics(tmp_path / "run") if "ckpt/failed_saves" in r]
+    assert [r["ckpt/failed_saves"] for r in failed] == [1.0] and 7 <= failed[0]["step"] <= 8, failed
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert [c.step for c in list_checkpoints(ckpts)] == [12, 9, 3] and not list(ckpts.glob(".tmp-*"))
+    assert all(verify(c) is None for c in list_checkpoints(ckpts))
+    _assert_matches(tmp_path / "run", reference)
+
+
+@pytest.mark.parametrize("faults,step", [(["fail_save:step=12:rank=1"], 12),
+                                         (["signal:step=5:rank=1:sig=SIGUSR1", "fail_save:step=5:rank=0"], 5)],
+                         ids=["final", "stop-signal"])
+def test_a_failed_final_save_never_exits_0_or_75(tmp_path: Path, tiny_data: Path, reference: Path,
+                                                 faults: list[str], step: int) -> None:
+    """The final checkpoint (or the one a stop signal promises) cannot be written on one rank: every
+    rank exits 74 with one line naming the rank and the newest committed checkpoint; a restart of the
+    same command resumes from that one and finishes exactly."""
+    inject = "faults.inject=[" + ",".join(f'"{f}"' for f in faults) + "]"
+    first = _run(tmp_path, tiny_data, [inject], check=False)
+    assert first.returncode != 0 and first.stderr.count("exitcode  : 74") == 2, first.stderr[-3000:]
+    line = next(x for x in first.stderr.splitlines() if "peer-dist train: error:" in x)
+    assert f"step_{step:06d} was not committed: rank {1 if step == 12 else 0}: OSError" in line
+    newest = list_checkpoints(tmp_path / "run" / "checkpoints")[0]
+    assert f"the newest committed checkpoint is {newest.path.name}" in line and newest.step < step
+    _run(tmp_path, tiny_data, [inject])  # the faults fired already
+    _assert_matches(tmp_path / "run", reference)

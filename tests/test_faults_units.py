@@ -3,6 +3,7 @@ abrupt crashes with the documented exit codes (in child processes), once-only fi
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import signal
@@ -11,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from peer_dist.config import FaultsConfig
 from peer_dist.errors import ConfigError
 from peer_dist.fileio import sha256_file
 from peer_dist.train.faults import (
-    EXIT_INJECTED_CRASH, EXIT_INJECTED_SAVE_CRASH, ENV_VAR, Fault, FaultPlan, parse_fault, parse_faults,
+    EXIT_INJECTED_CRASH, EXIT_INJECTED_SAVE_CRASH, ENV_VAR, Fault, FaultPlan, corrupt_file, parse_fault, parse_faults,
     split_specs,
 )
 from tests.helpers import ROOT, _env
@@ -44,6 +46,10 @@ from tests.helpers import ROOT, _env
     ("crash_in_save:step=6:phase=commit", Fault("crash_in_save", 6, phase="commit")),
     ("corrupt_checkpoint:step=6", Fault("corrupt_checkpoint", 6, file="trainer_state.json")),
     ("corrupt_checkpoint:step=6:file=state/*.pt:rank=0", Fault("corrupt_checkpoint", 6, 0, file="state/*.pt")),
+    ("fail_save:step=6:rank=1", Fault("fail_save", 6, 1, phase="written")),
+    ("fail_save:step=6:phase=commit", Fault("fail_save", 6, phase="commit")),
+    ("hide_checkpoint:step=9:rank=1", Fault("hide_checkpoint", 9, 1)),
+    ("signal:step=5:rank=0:sig=KILL:target=launcher", Fault("signal", 5, 0, sig=int(signal.SIGKILL), target="launcher")),
 ])
 def test_parse_good_specs(text: str, expected: Fault) -> None:
     fault = parse_fault(text)
@@ -55,11 +61,17 @@ def test_canonical_spec_text() -> None:
     assert parse_fault("signal:rank=1:step=5:sig=10").spec == "signal:step=5:rank=1:sig=SIGUSR1"
     assert parse_fault("hang:step=2").spec == "hang:step=2:seconds=forever"
     assert parse_fault("crash:step=3").spec == "crash:step=3"
+    # target=self is the default and left out: the text (and marker) of older signal specs is unchanged
+    assert parse_fault("signal:step=5:target=self").spec == "signal:step=5:sig=SIGTERM"
+    assert parse_fault("signal:step=5:target=launcher").spec == "signal:step=5:sig=SIGTERM:target=launcher"
+    assert parse_fault("fail_save:step=2").spec == "fail_save:step=2:phase=written"
 
 
 @pytest.mark.parametrize("text, message", [
-    ("boom:step=1", "unknown kind 'boom'; allowed kinds: crash, crash_in_save, nan, inf, nan_grad, spike, hang, signal, "
-                    "corrupt_checkpoint"),
+    ("boom:step=1", "unknown kind 'boom'; allowed kinds: crash, crash_in_save, fail_save, nan, inf, nan_grad, spike, "
+                    "hang, signal, corrupt_checkpoint, hide_checkpoint"),
+    ("signal:step=3:target=parent", "target='parent' allowed targets: self, launcher"),
+    ("hide_checkpoint:step=3:file=x", "key 'file' is not allowed for kind hide_checkpoint; allowed keys: step, rank"),
     ("", "unknown kind ''"),
     ("crash", "step=N is required"),
     ("crash:rank=1", "step=N is required"),
@@ -103,6 +115,10 @@ def test_check_world() -> None:
     plan.check_world(4)
     with pytest.raises(ConfigError, match=r"rank=3 does not exist in a world of 2 \(ranks 0\.\.1\)"):
         plan.check_world(2)
+    launcher = FaultPlan([parse_fault("signal:step=5:sig=SIGKILL:target=launcher")])
+    launcher.check_world(2, under_agent=True)
+    with pytest.raises(ConfigError, match="target=launcher needs a job started by torchrun"):
+        launcher.check_world(1)  # a plain process: its parent is the user's shell (or the test runner)
 
 
 # ---------------------------------------------------------------------------- loss faults
@@ -291,3 +307,124 @@ def test_corrupt_checkpoint_glob_and_rank(tmp_path: Path) -> None:
 
 def test_fault_env_var_name_matches_docs() -> None:
     assert ENV_VAR == "PEER_DIST_FAULTS" and ENV_VAR in FaultsConfig.__doc__
+
+
+# ---------------------------------------------------------------------------- fail_save, hide_checkpoint
+
+
+def test_fail_save_raises_an_io_error_at_its_phase_once(tmp_path: Path) -> None:
+    plan = FaultPlan([parse_fault("fail_save:step=6:rank=1:phase=commit")], tmp_path / "faults")
+    plan.during_save(6, 1, "written")  # another phase
+    plan.during_save(6, 0, "commit")  # another rank
+    plan.during_save(5, 1, "commit")  # another step
+    with pytest.raises(OSError, match=r"injected write failure \(fail_save:step=6:rank=1:phase=commit\)") as info:
+        plan.during_save(6, 1, "commit")
+    assert info.value.errno == errno.EIO
+    plan.during_save(6, 1, "commit")  # once per run folder
+    assert FaultPlan(plan.faults, tmp_path / "faults").pending(1) == []
+
+
+def test_hide_checkpoint_hides_once_per_run_folder(tmp_path: Path) -> None:
+    plan = FaultPlan([parse_fault("hide_checkpoint:step=9:rank=1")], tmp_path / "faults")
+    assert not plan.hides_checkpoint(9, 0) and not plan.hides_checkpoint(6, 1)
+    assert plan.hides_checkpoint(9, 1)
+    assert not plan.hides_checkpoint(9, 1)  # the next choice (a rollback) sees it
+    assert not FaultPlan(plan.faults, tmp_path / "faults").hides_checkpoint(9, 1)  # nor does a restart
+
+
+# ---------------------------------------------------------------------------- ranks agree on the checkpoint
+
+
+def _real_checkpoint(root: Path, step: int, salt: str = "") -> Path:
+    """A committed checkpoint as a 2-rank run at EP = 2 writes it (file contents are stand-ins)."""
+    path = root / f"step_{step:06d}"
+    state = {"step": step, "world": 2, "layout": {"tp": 1, "ep": 2, "dp": 2}, "expert_layout": "permuted"}
+    files = {"trainer_state.json": json.dumps(state), "config.toml": "[run]\n", "state/dense.pt": f"dense{step}{salt}",
+             "state/experts/blocks.1.ffn.ep000.pt": f"shard0-{step}", "state/experts/blocks.1.ffn.ep001.pt":
+             f"shard1-{step}", "rng/rank_00000.pt": "rng0", "rng/rank_00001.pt": "rng1"}
+    for rel, text in files.items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(text)
+    manifest = {"files": {rel: {"bytes": (path / rel).stat().st_size, "sha256": sha256_file(path / rel)}
+                          for rel in files}}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    return path
+
+
+def _choose_in_views(rank: int, world: int, views: list[list[str]]) -> list[Any]:
+    """Per scenario, the checkpoint step this rank chooses in its own view of the run folder,
+    and, for the newest checkpoint of the first view, the files this rank would read."""
+    from peer_dist.checkpoint.store import choose_checkpoint, files_to_load, list_checkpoints
+    from peer_dist.parallel.layout import ParallelLayout
+
+    layout = ParallelLayout(world, tp=1, ep=2)
+    chosen = [getattr(choose_checkpoint(Path(view[rank]), layout, "permuted"), "step", None) for view in views]
+    newest = list_checkpoints(Path(views[0][rank]))[0]
+    entries = json.loads((newest.path / MANIFEST).read_text())["files"]
+    return [chosen, files_to_load(newest, entries, layout, "permuted")]
+
+
+@pytest.mark.timeout(180)
+def test_ranks_take_the_same_checkpoint_whatever_each_one_sees(tmp_path: Path) -> None:
+    """Each rank looks at its own copy of the run folder (as nodes whose file system views differ).
+    A checkpoint that one rank cannot see or read is used by none; a file nobody reads is not checked."""
+    from peer_dist.parallel.spawn import run_ranks
+
+    def views(name: str, steps: tuple[list[int], list[int]], salt1: str = "") -> list[str]:
+        roots = []
+        for rank, rank_steps in enumerate(steps):
+            root = tmp_path / name / f"rank{rank}"
+            root.mkdir(parents=True)
+            for step in rank_steps:
+                _real_checkpoint(root, step, salt1 if rank == 1 and step == max(rank_steps) else "")
+            roots.append(str(root))
+        return roots
+
+    damaged_shard = views("shard", ([3, 6], [3, 6]))
+    corrupt_file(Path(damaged_shard[0]) / "step_000006/state/experts/blocks.1.ffn.ep001.pt")  # rank 1 reads it
+    corrupt_file(Path(damaged_shard[1]) / "step_000006/state/experts/blocks.1.ffn.ep001.pt")
+    unread = views("unread", ([3, 6], [3, 6]))
+    for root in unread:
+        corrupt_file(Path(root) / "step_000006/config.toml")  # no rank reads it to resume
+    scenarios = {
+        "rank 1 lags": views("lag1", ([3, 6], [3])),
+        "rank 0 lags": views("lag0", ([3], [3, 6])),
+        "another manifest on rank 1": views("other", ([3, 6], [3, 6]), salt1="x"),
+        "a shard only rank 1 reads is damaged": damaged_shard,
+        "a file nobody reads is damaged": unread,
+        "no checkpoint": views("none", ([], [])),
+    }
+    ranks = run_ranks(_choose_in_views, 2, list(scenarios.values()), timeout=150)
+    expected = [3, 3, 3, 3, 6, None]
+    assert ranks[0][0] == ranks[1][0] == expected, dict(zip(scenarios, zip(ranks[0][0], ranks[1][0])))
+    # Each rank verifies (and loads) the files it reads: its own expert shard and RNG state only.
+    assert ranks[0][1] == ["trainer_state.json", "state/dense.pt", "rng/rank_00000.pt",
+                           "state/experts/blocks.1.ffn.ep000.pt"]
+    assert ranks[1][1] == ["trainer_state.json", "state/dense.pt", "rng/rank_00001.pt",
+                           "state/experts/blocks.1.ffn.ep001.pt"]
+
+
+# ---------------------------------------------------------------------------- asynchronous saves
+
+
+def test_the_committer_stops_waiting_when_a_rank_reports_a_failure(tmp_path: Path) -> None:
+    import threading
+
+    from peer_dist.checkpoint.store import _wait_for_markers
+    from peer_dist.errors import CheckpointSaveError
+
+    (tmp_path / ".written-rank-00000").touch()
+    (tmp_path / ".failed-rank-00001").write_text("OSError: [Errno 28] No space left on device")
+    start = time.monotonic()
+    with pytest.raises(CheckpointSaveError, match="rank 1 could not write its files: OSError: .*No space left"):
+        _wait_for_markers(tmp_path, 2, timeout_s=600, cancel=threading.Event())
+    assert time.monotonic() - start < 1.0
+    (tmp_path / ".failed-rank-00001").unlink()
+    with pytest.raises(CheckpointSaveError, match=r"within 0.3 s \(train.collective_timeout_s\)"):
+        _wait_for_markers(tmp_path, 2, timeout_s=0.3, cancel=threading.Event())
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CheckpointSaveError, match="given up"):
+        _wait_for_markers(tmp_path, 2, timeout_s=600, cancel=cancel)
+    (tmp_path / ".written-rank-00001").touch()
+    _wait_for_markers(tmp_path, 2, timeout_s=600, cancel=threading.Event())  # every rank wrote: returns

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from peer_dist.errors import EXIT_USER_ERROR
 from tests.helpers import ROOT, TORCHRUN, _env, final_weights, run_cli
 from tests.test_train import TINY
 
@@ -73,7 +75,12 @@ def _interrupt(tmp: Path, data: Path, extra: list[str], nproc: int, how: str, at
     proc = _start(_args(data, tmp, "interrupted", extra), nproc)
     _wait_for_step(run, at_step, proc)
     if how == "kill9":
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, no chance to clean up
+        ranks = [proc.pid] if nproc == 1 else _worker_pids(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's process group, no chance to clean up
+        # torchrun starts every worker in a session of its own, out of that group: they must die
+        # with their launcher, or they train on and commit checkpoints while the restart begins.
+        _assert_gone(ranks)
+        assert max(_losses_by_step(run)) < STEPS  # steps are left to resume
     else:
         target = proc.pid if nproc == 1 else _worker_pids(proc.pid)[signalled_rank]
         sig = {"sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1, "sigint": signal.SIGINT,
@@ -86,8 +93,29 @@ def _interrupt(tmp: Path, data: Path, extra: list[str], nproc: int, how: str, at
     return run, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def _resume(tmp: Path, data: Path, extra: list[str], nproc: int) -> None:
-    run_cli(_args(data, tmp, "interrupted", extra), nproc=nproc, timeout=280)  # the same command again
+def _resume(tmp: Path, data: Path, extra: list[str], nproc: int) -> subprocess.CompletedProcess:
+    return run_cli(_args(data, tmp, "interrupted", extra), nproc=nproc, timeout=280)  # the same command again
+
+
+def _first_step(proc: subprocess.CompletedProcess) -> int:
+    """The step a run started from (its "steps N..M" log line): the resumed checkpoint's, or 0."""
+    return int(re.search(r"steps (\d+)\.\.\d+", proc.stderr).group(1))
+
+
+def _assert_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """Every process in ``pids`` ends within ``timeout`` (a zombie counts as ended: it runs no code)."""
+    deadline = time.monotonic() + timeout
+    while (alive := [pid for pid in pids if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive, f"rank processes {alive} outlived their launcher by {timeout:g} s"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
 
 
 def _stopped_step(run: Path, first: subprocess.CompletedProcess) -> int:
@@ -177,9 +205,38 @@ def test_kill9_resumes_exactly_from_the_last_checkpoint(tmp_path: Path, tiny_dat
     at_step = random.randint(2, STEPS - 2)  # a random step: before, at or between checkpoints (every 3)
     run, first = _interrupt(tmp_path, tiny_data, extra, 1, "kill9", at_step=at_step)
     assert first.returncode == -signal.SIGKILL
-    _resume(tmp_path, tiny_data, extra, 1)
+    assert _first_step(_resume(tmp_path, tiny_data, extra, 1)) <= at_step
     _assert_matches(run, uninterrupted["one"])
     _assert_logged_once(run)
+
+
+@pytest.mark.timeout(400)
+def test_a_second_job_on_the_same_run_folder_is_refused(tmp_path: Path, tiny_data: Path,
+                                                        uninterrupted: dict[str, Path]) -> None:
+    """While a job trains, the same command again (a restart, a requeue racing the old allocation)
+    stops at once with one line naming the holder, and changes nothing. Once the holder is killed,
+    its lease is stale: the next start takes it over and continues exactly."""
+    extra = ["train.micro_batch_size=8"]
+    run = tmp_path / "interrupted"
+    holder = _start(_args(tiny_data, tmp_path, "interrupted", [*extra, 'faults.inject=["hang:step=2:seconds=120"]']),
+                    1)
+    try:
+        _wait_for_step(run, 2, holder)
+        config_written, metrics = (run / "config.toml").stat().st_mtime_ns, (run / "metrics.jsonl").read_bytes()
+        second = run_cli(_args(tiny_data, tmp_path, "interrupted", extra), check=False, timeout=200)
+        assert second.returncode == EXIT_USER_ERROR, second.stderr[-3000:]
+        errors = [line for line in second.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert f"run folder {run} is in use by another job" in errors[0] and f"pid {holder.pid}" in errors[0]
+        assert (run / "config.toml").stat().st_mtime_ns == config_written
+        assert (run / "metrics.jsonl").read_bytes() == metrics
+        assert holder.poll() is None  # the holder trains on
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.communicate(timeout=60)
+    third = _resume(tmp_path, tiny_data, extra, 1)
+    assert "run folder lease of a job" in third.stderr and "is gone" in third.stderr
+    _assert_matches(run, uninterrupted["one"])
 
 
 def _assert_logged_once(run: Path) -> None:
@@ -210,13 +267,15 @@ def uninterrupted_two_ranks(tmp_path_factory: pytest.TempPathFactory, tiny_data:
 @pytest.mark.parametrize("how", ["sigusr1", "kill9"])
 def test_two_ranks_resume_exactly(tmp_path: Path, tiny_data: Path, uninterrupted_two_ranks: dict[str, Path],
                                   layout: str, how: str) -> None:
-    """SIGUSR1 to rank 1 only: both ranks stop at the same step with a checkpoint. kill -9 of the whole
-    job: the restart falls back to the last interval checkpoint. Either way the run continues exactly."""
+    """SIGUSR1 to rank 1 only: both ranks stop at the same step with a checkpoint. kill -9 of the
+    launcher's process group: every rank dies with it, and the restart falls back to the last interval
+    checkpoint with steps left to train. Either way the run continues exactly."""
     run, first = _interrupt(tmp_path, tiny_data, TWO_RANK[layout], 2, how, at_step=random.randint(2, STEPS - 2),
                             signalled_rank=1)
     if how == "sigusr1":
         # torchrun reports the first worker that exited (75) and stops the other once it is done.
         assert first.returncode != 0 and "exitcode  : 75" in first.stderr, first.stderr[-3000:]
         _stopped_step(run, first)  # the step both ranks agreed on, committed by both
-    _resume(tmp_path, tiny_data, TWO_RANK[layout], 2)
+    restart = _resume(tmp_path, tiny_data, TWO_RANK[layout], 2)
+    assert _first_step(restart) < STEPS  # it resumed something: the interrupted run had not finished
     _assert_matches(run, uninterrupted_two_ranks[layout])

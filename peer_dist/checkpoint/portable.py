@@ -226,15 +226,32 @@ def _tp_slice(value: Tensor, dim: int, layout: ParallelLayout, rank: int) -> Ten
     return value.chunk(layout.tp, dim=dim)[layout.tp_rank(rank)]
 
 
-def load_portable(folder: Path, engine: Any, layout: ParallelLayout) -> int:
-    """Put the saved model and optimizer state into ``engine`` at THIS layout; returns Adam's step count."""
+def expert_files_to_read(names: list[str], layout: ParallelLayout, rank: int, same_split: bool) -> list[str]:
+    """Of a checkpoint's state files (``names``, relative to ``state/``), the expert shards ``rank`` reads.
+
+    Every shard when the experts were split differently (rows are picked by global id
+    from each); only this rank's own shard ``.epK.pt`` when ``same_split`` (the saving run
+    had the same EP size and owner layout, so shard K holds exactly EP rank K's rows).
+    """
+    experts = sorted(n for n in names if n.startswith(f"{EXPERTS_DIR}/"))
+    if same_split:
+        experts = [n for n in experts if n.endswith(f".ep{layout.ep_rank(rank):03d}.pt")]
+    return experts
+
+
+def load_portable(folder: Path, engine: Any, layout: ParallelLayout, expert_files: set[str] | None = None) -> int:
+    """Put the saved model and optimizer state into ``engine`` at THIS layout; returns Adam's step count.
+
+    ``expert_files``: the expert shard files to read (relative to ``folder``, see
+    :func:`expert_files_to_read`); None reads every shard.
+    """
     rank = dist.get_rank()
     model, optimizer, tables = engine.module, engine.optimizer, _table_optimizer(engine)
     saved = torch.load(folder / DENSE_FILE, map_location="cpu", weights_only=False)
     step_count = saved["step_count"]
     link_optimizer_states(optimizer)
     shardings = _expert_shardings(model)
-    expert_values = _assemble_expert_rows(folder, model, shardings, step_count)
+    expert_values = _assemble_expert_rows(folder, model, shardings, step_count, expert_files)
     for name, p in model.named_parameters():
         canon = canonical_name(name)
         if id(p) in shardings:
@@ -262,8 +279,8 @@ def load_portable(folder: Path, engine: Any, layout: ParallelLayout) -> int:
     return step_count
 
 
-def _assemble_expert_rows(folder: Path, model: nn.Module, shardings: dict[int, Any],
-                          step_count: int) -> dict[str, dict[str, Tensor]]:
+def _assemble_expert_rows(folder: Path, model: nn.Module, shardings: dict[int, Any], step_count: int,
+                          only: set[str] | None = None) -> dict[str, dict[str, Tensor]]:
     """For every local expert parameter, its rows (and moments) by global id from the saved shard files.
 
     ``row_step`` (per-row Adam step counts of row-sparse tables) is read where saved; a
@@ -276,7 +293,8 @@ def _assemble_expert_rows(folder: Path, model: nn.Module, shardings: dict[int, A
         by_layer.setdefault(canon.rpartition(".")[0], []).append(canon)
     out: dict[str, dict[str, Tensor]] = {}
     for layer, canons in by_layer.items():
-        files = sorted((folder / EXPERTS_DIR).glob(f"{layer}.ep*.pt"))
+        files = [f for f in sorted((folder / EXPERTS_DIR).glob(f"{layer}.ep*.pt"))
+                 if only is None or f"{EXPERTS_DIR}/{f.name}" in only]
         if not files:
             raise CheckpointError(f"checkpoint {folder.parent} has no expert files for {layer}")
         sharding = shardings[id(named[canons[0]])]

@@ -177,6 +177,13 @@ def end_process(code: int) -> None:
     os._exit(code)
 
 
+def flag_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where small flag tensors for collectives of ``group`` live: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def finish_distributed() -> None:
     """Orderly end of a job that succeeded: wait for every rank, then tear the process group down.
 

@@ -13,11 +13,22 @@ Kinds, their own keys (default) and the hook that fires them:
 * ``crash`` — after step N: ``os._exit(86)`` (:meth:`FaultPlan.after_step`)
 * ``crash_in_save``, ``phase`` (written) — inside the save of step N's checkpoint, at
   ``phase`` (start / written / commit): ``os._exit(87)`` (:meth:`FaultPlan.during_save`)
+* ``fail_save``, ``phase`` (written) — inside the save of step N's checkpoint, at
+  ``phase``: an ``OSError`` (EIO), as a full disk or a failing file server gives; the
+  process lives on. An asynchronous save reports it at the next step boundary on every
+  rank and training goes on; a synchronous one (the final save, a stop-signal save)
+  ends the job with exit 74 (``during_save``)
 * ``nan`` / ``inf`` — every micro-batch loss of step N becomes NaN / +Inf (:meth:`FaultPlan.loss`)
 * ``spike``, ``factor`` (10) — every micro-batch loss of step N is multiplied by factor (``loss``)
 * ``nan_grad`` — the loss of step N stays finite but its backward gives NaN gradients (``loss``)
 * ``hang``, ``seconds`` (forever) — after step N: sleep (``after_step``)
-* ``signal``, ``sig`` (SIGTERM) — after step N: the signal to this process (``after_step``)
+* ``signal``, ``sig`` (SIGTERM), ``target`` (self) — after step N: the signal to this
+  process, or with ``target=launcher`` to its torchrun agent (a ``kill -9`` of the
+  launcher: every rank must die with it; only under torchrun) (``after_step``)
+* ``hide_checkpoint`` — the checkpoint of step N is invisible to this rank the first
+  time the job chooses a checkpoint (resume, rollback) while it exists, as on a node
+  whose view of a shared file system lags: no rank may use it then
+  (:meth:`FaultPlan.hides_checkpoint`)
 * ``corrupt_checkpoint``, ``file`` (trainer_state.json) — after step N's checkpoint is
   committed: 4 bytes in the middle of every file matching the glob ``file`` (relative to
   the checkpoint folder) are overwritten, size unchanged, so its sha256 check fails and
@@ -44,6 +55,7 @@ per process. Within a process, a replay after a rollback does not fire it again 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sys
@@ -109,12 +121,16 @@ class FaultPlan:
     def describe(self) -> str:
         return "; ".join(f.spec for f in self.faults) or "none"
 
-    def check_world(self, world: int) -> None:
-        """ConfigError for a fault aimed at a rank the job does not have (it would never fire)."""
+    def check_world(self, world: int, under_agent: bool = False) -> None:
+        """ConfigError for a fault aimed at a rank the job does not have (it would never fire), or at a
+        launcher it does not have (``under_agent``: torchrun's agent started this process)."""
         for fault in self.faults:
             if fault.rank is not None and fault.rank >= world:
                 raise ConfigError(f"fault {fault.spec!r}: rank={fault.rank} does not exist in a world of "
                                   f"{world} (ranks 0..{world - 1})")
+            if fault.target == "launcher" and not under_agent:
+                raise ConfigError(f"fault {fault.spec!r}: target=launcher needs a job started by torchrun "
+                                  "(its agent is the launcher); use target=self")
 
     def pending(self, rank: int) -> list[Fault]:
         """Faults for ``rank`` that have not fired, in this process or an earlier attempt (drill reports)."""
@@ -147,7 +163,7 @@ class FaultPlan:
                 elif fault.kind == "hang":
                     _hang(fault.seconds)
                 else:
-                    os.kill(os.getpid(), fault.sig)
+                    os.kill(os.getppid() if fault.target == "launcher" else os.getpid(), fault.sig)
 
     def during_save(self, step: int, rank: int, phase: str) -> None:
         """Inside the save of the checkpoint of step N, at ``phase`` (one of :data:`SAVE_PHASES`):
@@ -160,9 +176,16 @@ class FaultPlan:
         if phase not in SAVE_PHASES:
             raise ValueError(f"save phase {phase!r}; allowed: {', '.join(SAVE_PHASES)}")
         for fault in self.faults:
-            if (fault.kind == "crash_in_save" and fault.phase == phase and fault.matches(step, rank)
+            if (fault.kind in ("crash_in_save", "fail_save") and fault.phase == phase and fault.matches(step, rank)
                     and self._claim(fault, rank)):
-                _exit_now(EXIT_INJECTED_SAVE_CRASH)
+                if fault.kind == "crash_in_save":
+                    _exit_now(EXIT_INJECTED_SAVE_CRASH)
+                raise OSError(errno.EIO, f"injected write failure ({fault.spec})")
+
+    def hides_checkpoint(self, step: int, rank: int) -> bool:
+        """Whether the checkpoint of step N is invisible to ``rank`` (asked once per checkpoint and choice)."""
+        return any(fault.kind == "hide_checkpoint" and fault.matches(step, rank) and self._claim(fault, rank)
+                   for fault in self.faults)
 
     def after_save(self, step: int, rank: int, path: str | Path) -> None:
         """After the checkpoint of step N is committed at ``path``: corrupt_checkpoint faults."""

@@ -53,6 +53,7 @@ import torch.distributed as dist
 
 from peer_dist.config import GuardConfig
 from peer_dist.log import get_logger
+from peer_dist.parallel.env import flag_device
 
 T = TypeVar("T")
 
@@ -139,7 +140,7 @@ class StepGuard:
                            torch.tensor(0.0 if grads_finite else 1.0, dtype=torch.float64)])
         world = 1
         if dist.is_available() and dist.is_initialized():
-            buf = buf.to(_flag_device(group))
+            buf = buf.to(flag_device(group))
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
             world = dist.get_world_size(group)
         count, total, bad_grads = buf.tolist()  # NOTE: host sync (24 bytes, once per step: the decision needs it)
@@ -243,13 +244,6 @@ class GradientWatch:
         """Whether every gradient since the last call was finite; resets. NOTE: host sync."""
         bad, self._bad = self._bad, None
         return bad is None or not bool(bad)
-
-
-def _flag_device(group: dist.ProcessGroup | None) -> torch.device:
-    """Where the reduced buffer lives: the current CUDA device for NCCL, the CPU otherwise."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------- skipped data

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from peer_dist.specs import parse_signal
 from peer_dist.log import get_logger
+from peer_dist.parallel.env import flag_device
 
 # Exit code of a run that stopped on a signal after writing a checkpoint: "try again
 # later" (EX_TEMPFAIL in sysexits.h). Distinct from 0 (finished: Slurm would mark the
@@ -125,7 +126,7 @@ class PreemptionHandler:
         if not (dist.is_available() and dist.is_initialized()):
             stop = self._local
         else:
-            flag = torch.tensor([1 if self._local else 0], dtype=torch.int32, device=device or _flag_device(group))
+            flag = torch.tensor([1 if self._local else 0], dtype=torch.int32, device=device or flag_device(group))
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
             stop = bool(flag.item())  # NOTE: host sync (a 4-byte all-reduce per call)
         if stop and not self._reported:
@@ -133,12 +134,6 @@ class PreemptionHandler:
             how = f"got {self.received.name}" if self.received else "another rank got a stop signal"
             get_logger().warning("stop requested (%s): finishing with a checkpoint", how)
         return stop
-
-
-def _flag_device(group: dist.ProcessGroup | None) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def requeue_slurm_job(environ: dict[str, str] | None = None, timeout_s: float = 60.0) -> bool:

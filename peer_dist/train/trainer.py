@@ -1,7 +1,8 @@
 """The training loop: read it top to bottom.
 
     set-up (launcher env, process group, data manifest, model, DeepSpeed engine)
-    -> resume from the newest good checkpoint of the run folder, if any
+    -> take the run folder's lease (one job per run folder)
+    -> resume from the newest checkpoint every rank can read, if any
     -> for each step: grad_accum micro-steps of forward/backward, one optimizer step
        (DeepSpeed), periodic logging, validation and checkpoints
     -> final validation and checkpoint; the summary names the perplexity and log folder.
@@ -21,7 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from peer_dist.checkpoint.store import latest_good, load_engine_state, save_checkpoint, wait_for_pending_save
+from peer_dist.checkpoint.store import (
+    Checkpoint, SaveOutcome, await_async_save, choose_checkpoint, load_engine_state, poll_async_save, save_checkpoint,
+    wait_for_pending_save,
+)
 from peer_dist.config import Config, config_hash, dump_toml, hashed_differences, load_config
 from peer_dist.data import Manifest, TrainStream, val_batches
 from peer_dist.errors import CheckpointError, ConfigError
@@ -32,11 +36,13 @@ from peer_dist.parallel.data_parallel import sync_batch_statistics
 from peer_dist.parallel.deepspeed_private import data_parallel_group, expert_parallel_group, tensor_parallel_group
 from peer_dist.parallel.env import DistEnv, detect_env, finish_distributed, init_distributed, pick_backend, pick_device
 from peer_dist.parallel.expert_parallel import dispatch_metrics, parallelize_experts
+from peer_dist.parallel.launcher import die_with_launcher, under_torchrun_agent
 from peer_dist.parallel.layout import ParallelLayout
 from peer_dist.train.engine import build_engine, clip_gradients, clips_manually, table_optimizer
 from peer_dist.train.metrics import MetricsWriter, evaluate, router_metrics
 from peer_dist.train.faults import FaultPlan
 from peer_dist.train.guard import DataSkips, GradientWatch, StepGuard
+from peer_dist.train.lease import RunLease, take_run_lease
 from peer_dist.train.signals import PreemptionHandler, requeue_slurm_job
 from peer_dist.train.sparse_tables import clip_scale, table_metrics
 
@@ -68,6 +74,7 @@ class _Setup:
     started: float = 0.0  # time.perf_counter() when set-up began
     state_buffers: list[str] | None = None  # persistent buffer names, see _state_buffers
     gradients: GradientWatch | None = None  # NaN/Inf in this rank's gradients (the guard's second check)
+    lease: RunLease | None = None  # rank 0: this job's lease on the run folder
 
 
 def run_training(cfg: Config) -> TrainResult:
@@ -75,16 +82,20 @@ def run_training(cfg: Config) -> TrainResult:
 
     The stop-signal handlers stay installed until the process exits: Slurm sends
     SIGTERM again while a requeued job shuts down, and the default action would turn
-    the documented exit code 75 into a kill.
+    the documented exit code 75 into a kill. The run folder's lease is taken before
+    anything reads or writes the folder and given up on the way out, whatever the way.
     """
     setup = _set_up(cfg)
+    setup.lease = take_run_lease(cfg.run_dir)  # refuses (every rank, exit 2) if another job holds it
     stop = PreemptionHandler(cfg.train.stop_signals).install()
     try:
         result = _train(cfg, setup, stop)
     finally:
-        wait_for_pending_save()
+        wait_for_pending_save(cfg.train.collective_timeout_s)
         if setup.writer is not None:
             setup.writer.close()
+        if setup.lease is not None:
+            setup.lease.release()
     finish_distributed()
     return result
 
@@ -101,6 +112,7 @@ def _set_up(cfg: Config) -> _Setup:
     started = time.perf_counter()
     env = detect_env()
     setup_logging(env.rank)
+    die_with_launcher()  # under torchrun: a rank must not outlive its agent (kill -9 of the launcher)
     layout = ParallelLayout(env.world, tp=cfg.parallel.tp, ep=cfg.parallel.ep)  # fails before any work
     device = pick_device(cfg.train.device, env)
     init_distributed(env, pick_backend(cfg.train.backend, device), timeout_s=cfg.train.collective_timeout_s,
@@ -129,8 +141,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
-    """Restore the newest good checkpoint of the run folder; refuse one from another run.
+def _resume(cfg: Config, setup: _Setup, plan: FaultPlan) -> dict[str, Any]:
+    """Restore the newest checkpoint every rank can read; refuse one from another run.
 
     The parallel layout and the world size may differ from the saving run's (elastic
     resume: expert tables and optimizer state are resharded); the global batch may not,
@@ -138,7 +150,7 @@ def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
     """
     expected = {"config_hash": config_hash(cfg), "data_fingerprint": setup.manifest.fingerprint,
                 "global_batch": _global_batch(cfg, setup.layout)}
-    ckpt = latest_good(cfg.run_dir / "checkpoints")
+    ckpt = _choose(cfg, setup, plan)
     if ckpt is None:
         return {"step": 0, "consumed_samples": 0, "consumed_tokens": 0}
     state = ckpt.trainer_state()
@@ -160,7 +172,7 @@ def _resume(cfg: Config, setup: _Setup) -> dict[str, Any]:
         get_logger().info("elastic resume: checkpoint written at world %s %s, resharding to world %d %s",
                           state.get("world"), state.get("layout"), setup.env.world, _layout_state(setup.layout))
     _warn_if_statistics_batch_changes(state, cfg, setup)
-    load_engine_state(ckpt, setup.engine, setup.layout)
+    load_engine_state(ckpt, setup.engine, setup.layout, cfg.parallel.expert_layout)
     _schedule_lr_at(setup.engine, state["step"])
     get_logger().info("resumed from %s (step %d)", ckpt.path, state["step"])
     return state
@@ -194,6 +206,16 @@ def _differing_keys(ckpt_path: Path, cfg: Config) -> str:
         return f"its config.toml cannot be compared ({exc})"
     differences = hashed_differences(saved, cfg)
     return "keys that differ: " + ", ".join(differences) if differences else "no key differs in value"
+def _choose(cfg: Config, setup: _Setup, plan: FaultPlan) -> Checkpoint | None:
+    """Collective: the checkpoint to resume or roll back to, the same on every rank (store.choose_checkpoint)."""
+    rank, seen = setup.env.rank, {}
+
+    def visible(ckpt: Checkpoint) -> bool:  # hide_checkpoint faults; one answer per checkpoint per choice
+        if ckpt.step not in seen:
+            seen[ckpt.step] = not plan.hides_checkpoint(ckpt.step, rank)
+        return seen[ckpt.step]
+
+    return choose_checkpoint(cfg.run_dir / "checkpoints", setup.layout, cfg.parallel.expert_layout, visible)
 
 
 def _global_batch(cfg: Config, layout: ParallelLayout) -> int:
@@ -224,6 +246,7 @@ class _Loop:
     skips: DataSkips  # data windows skipped after rollbacks
     plan: FaultPlan
     streams: list[TrainStream] = field(default_factory=list)  # every stream opened (for their stats)
+    failed_saves: int = 0  # asynchronous saves that failed in this process (metric ckpt/failed_saves)
     batches: Any = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     interval_start: float = 0.0
@@ -236,15 +259,15 @@ class _Loop:
 
 def _train(cfg: Config, setup: _Setup, stop: PreemptionHandler) -> TrainResult:
     log, t, env = get_logger(), cfg.train, setup.env
-    saved = _resume(cfg, setup)
+    plan = FaultPlan.from_config(cfg.faults, marker_dir=cfg.run_dir / "faults")
+    plan.check_world(env.world, under_torchrun_agent())
+    saved = _resume(cfg, setup, plan)
     if env.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.toml").write_text(dump_toml(cfg))
     setup.writer = MetricsWriter(cfg.run_dir / "tensorboard", cfg.run_dir / "metrics.jsonl", enabled=env.is_main,
                                  tensorboard=cfg.run.tensorboard, resume_step=saved["step"])
-    loop = _Loop(_counters(saved), StepGuard(cfg.guard), DataSkips.from_state(saved.get("data_skips")),
-                 FaultPlan.from_config(cfg.faults, marker_dir=cfg.run_dir / "faults"))
-    loop.plan.check_world(env.world)
+    loop = _Loop(_counters(saved), StepGuard(cfg.guard), DataSkips.from_state(saved.get("data_skips")), plan)
     if "guard" in saved:
         loop.guard.load_state_dict(saved["guard"])
     _open_data(cfg, setup, loop)
@@ -258,6 +281,7 @@ def _train(cfg: Config, setup: _Setup, stop: PreemptionHandler) -> TrainResult:
         step_loss, grad_norm, bad = _train_step(cfg, setup, loop)
         _advance(cfg, setup, loop)
         step = loop.step
+        _report_save(setup, loop, poll_async_save())  # collective while an asynchronous save is in flight
         if bad and loop.guard.needs_rollback:
             _rollback(cfg, setup, loop)
             interval_loss.zero_()
@@ -415,9 +439,9 @@ def _skip_next_update(engine: Any, skip: bool) -> None:
 
 def _rollback(cfg: Config, setup: _Setup, loop: _Loop) -> None:
     """Too many bad steps: reload the newest good checkpoint and skip the data of the bad window."""
-    wait_for_pending_save()
-    dist.barrier()  # an asynchronous save of rank 0 is committed before anyone looks
-    ckpt = latest_good(cfg.run_dir / "checkpoints")
+    # An asynchronous save in flight is committed (or failed) on every rank before anyone looks.
+    _report_save(setup, loop, await_async_save(cfg.train.collective_timeout_s))
+    ckpt = _choose(cfg, setup, loop.plan)
     first, last = loop.guard.bad_window
     if ckpt is None:
         raise CheckpointError(
@@ -425,7 +449,7 @@ def _rollback(cfg: Config, setup: _Setup, loop: _Loop) -> None:
             "checkpoint to roll back to: set train.ckpt_interval, lower train.lr, or raise guard.max_bad_steps")
     added = loop.skips.skip_training_steps(first, last)
     saved = ckpt.trainer_state()
-    load_engine_state(ckpt, setup.engine, setup.layout)
+    load_engine_state(ckpt, setup.engine, setup.layout, cfg.parallel.expert_layout)
     _schedule_lr_at(setup.engine, saved["step"])
     loop.guard.rollback(saved.get("guard"))
     loop.state = _counters(saved)
@@ -522,24 +546,45 @@ def _validate(cfg: Config, setup: _Setup, step: int) -> dict[str, float]:
 
 
 def _save(cfg: Config, setup: _Setup, loop: _Loop, final: bool = False) -> Path:
-    """Checkpoint the finished step; interval saves go to the background with train.async_save."""
-    rank, asynchronous = setup.env.rank, cfg.train.async_save and not final
+    """Checkpoint the finished step; interval saves go to the background with train.async_save.
+
+    A synchronous save that fails raises CheckpointSaveError on every rank (exit 74): the
+    final checkpoint, or the one a stop signal promises, is never missing after exit 0 or 75.
+    """
+    rank, step, asynchronous = setup.env.rank, loop.step, cfg.train.async_save and not final
+    start = time.perf_counter()
+    _report_save(setup, loop, await_async_save(cfg.train.collective_timeout_s))
     trainer_state = dict(loop.state, config_hash=config_hash(cfg), data_fingerprint=setup.manifest.fingerprint,
                          world=setup.env.world, layout=_layout_state(setup.layout),
-                         global_batch=_global_batch(cfg, setup.layout),
+                         expert_layout=cfg.parallel.expert_layout, global_batch=_global_batch(cfg, setup.layout),
                          statistics_batch=_statistics_batch(cfg, setup.layout), guard=loop.guard.state_dict(),
                          data_skips=loop.skips.state_dict())
-    start = time.perf_counter()
-    path = save_checkpoint(cfg.run_dir / "checkpoints", loop.step, setup.engine, trainer_state, dump_toml(cfg),
+
+    def on_phase(phase: str) -> None:  # also runs in the background writer, while loop.step moves on
+        if phase == "commit" and setup.lease is not None:
+            setup.lease.check()  # never commit into a run folder another job has taken over
+        loop.plan.during_save(step, rank, phase)
+
+    path = save_checkpoint(cfg.run_dir / "checkpoints", step, setup.engine, trainer_state, dump_toml(cfg),
                            keep=cfg.train.ckpt_keep, layout=setup.layout, tp_group=_sharded_groups(setup)[1],
-                           on_phase=lambda phase: loop.plan.during_save(loop.step, rank, phase),
-                           asynchronous=asynchronous)
+                           on_phase=on_phase, asynchronous=asynchronous, timeout_s=cfg.train.collective_timeout_s)
     # How long training stood still for this save (asynchronous: gathering and copying only).
     setup.writer.scalars({"ckpt/blocking_s": time.perf_counter() - start}, loop.step)
     loop.guard.note_checkpoint()
     if not asynchronous:  # corrupt_checkpoint faults act on committed checkpoints
         loop.plan.after_save(loop.step, rank, path)
     return path
+
+
+def _report_save(setup: _Setup, loop: _Loop, outcome: SaveOutcome | None) -> None:
+    """An asynchronous save that failed: one log line on every rank and the metric ckpt/failed_saves."""
+    if outcome is None or outcome.ok:
+        return
+    loop.failed_saves += 1
+    setup.writer.scalars({"ckpt/failed_saves": float(loop.failed_saves)}, loop.step)
+    get_logger().error("asynchronous checkpoint %s failed and was not committed (%s); training goes on, the "
+                       "previous checkpoint stays the newest and the next save does not depend on this one",
+                       outcome.name, outcome.describe())
 
 
 def _layout_state(layout: ParallelLayout) -> dict[str, int]:
