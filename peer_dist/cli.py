@@ -209,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("model", help="whole models of a sweep spec side by side: time per counted FLOP vs dense")
     model_bench.add_arguments(b)
     b.set_defaults(func=_bench, bench_run=model_bench.run)
+    from peer_dist.bench import startup as startup_bench
+
+    b = bench.add_parser("startup", help="start-up and resume per rank at EP = 1, 2, 4: seconds and checkpoint MB read")
+    startup_bench.add_arguments(b)
+    b.set_defaults(func=_bench, bench_run=startup_bench.run)
     from peer_dist.bench import prepare as prepare_bench
 
     b = bench.add_parser("prepare", help="prepare throughput (MB/s) at 1 and 2 workers, byte and BPE; peak RSS")

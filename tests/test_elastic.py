@@ -81,3 +81,32 @@ def test_export_evaluates_at_any_world_size(runs: dict[str, Path], tiny_data: Pa
     assert loss[0] == loss[1]
     proc = run_cli(["export", str(runs["saved4"]), "--output", str(export)], check=False)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+
+def test_each_rank_reads_only_the_saved_shards_that_hold_its_rows() -> None:
+    """Per-rank bytes read on resume fall with EP: the saved shards whose expert positions meet
+    this rank's (own shard at the same EP; two when EP halves; one when it doubles), and every
+    shard only when the owner layout changed (rows then come from anywhere)."""
+    from peer_dist.checkpoint.portable import expert_files_to_read
+    from peer_dist.model.expert_tables import ExpertSharding
+    from peer_dist.parallel.layout import ParallelLayout
+
+    def shards(saved_ep: int) -> list[str]:
+        return ["dense.pt"] + [f"experts/blocks.1.ffn.experts.ep{k:03d}.pt" for k in range(saved_ep)]
+
+    def read(saved_ep: int | None, new_ep: int, rank: int, files_of: int) -> list[int]:
+        names = expert_files_to_read(shards(files_of), ParallelLayout(new_ep, ep=new_ep), rank, saved_ep)
+        return [int(n[-6:-3]) for n in names]
+
+    assert read(4, 4, 2, 4) == [2]
+    assert read(4, 2, 1, 4) == [2, 3] and read(2, 4, 3, 2) == [1] and read(1, 4, 3, 1) == [0]
+    assert read(4, 1, 0, 4) == [0, 1, 2, 3] and read(None, 4, 2, 4) == [0, 1, 2, 3]
+    # The rule matches the owners: rank r of E reads exactly the saved shards that hold its rows.
+    n = 4096
+    for saved_ep, new_ep in [(4, 2), (2, 4), (4, 8), (8, 2), (3, 6)]:
+        for layout in ("permuted", "contiguous"):
+            saved = ExpertSharding(n // 24 * 24, saved_ep, 0, layout)
+            for r in range(new_ep):
+                mine = ExpertSharding(n // 24 * 24, new_ep, r, layout).global_ids()
+                owners = set(saved.owner(mine).tolist())
+                assert owners == set(read(saved_ep, new_ep, r, saved_ep)), (saved_ep, new_ep, layout, r)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peer_dist.bench import require_prepared_data
 from peer_dist.errors import ConfigError
 
 MODEL = ["model.d_model=256", "model.n_layers=4", "model.n_heads=4", "model.d_ff=1024",
@@ -38,9 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not (Path(args.data) / "manifest.json").is_file():
-        raise ConfigError(f"--data {args.data}: no prepared data there; run `peer-dist prepare --output {args.data}` "
-                          "(or the quickstart) first")
+    require_prepared_data(args.data)
     if args.steps < 2 * args.interval:
         raise ConfigError(f"--steps {args.steps} must allow at least two interval checkpoints (--interval "
                           f"{args.interval})")

@@ -226,17 +226,27 @@ def _tp_slice(value: Tensor, dim: int, layout: ParallelLayout, rank: int) -> Ten
     return value.chunk(layout.tp, dim=dim)[layout.tp_rank(rank)]
 
 
-def expert_files_to_read(names: list[str], layout: ParallelLayout, rank: int, same_split: bool) -> list[str]:
+def expert_files_to_read(names: list[str], layout: ParallelLayout, rank: int, saved_ep: int | None) -> list[str]:
     """Of a checkpoint's state files (``names``, relative to ``state/``), the expert shards ``rank`` reads.
 
-    Every shard when the experts were split differently (rows are picked by global id
-    from each); only this rank's own shard ``.epK.pt`` when ``same_split`` (the saving run
-    had the same EP size and owner layout, so shard K holds exactly EP rank K's rows).
+    ``saved_ep``: the saving run's EP size when it used the same owner layout as this run
+    (``parallel.expert_layout``), else None. Under either layout EP rank r of E holds the
+    r-th of E equal ranges of expert positions (ids, or permuted ids: the same positions
+    for every E), so rank r needs exactly the saved shards k whose range [k/E', (k+1)/E')
+    meets [r/E, (r+1)/E): its own shard at an unchanged EP size, one or two when E changes
+    by a factor of two. Without that knowledge (another owner layout, an older checkpoint)
+    it reads every shard. Rows are then picked by global id from what was read.
     """
     experts = sorted(n for n in names if n.startswith(f"{EXPERTS_DIR}/"))
-    if same_split:
-        experts = [n for n in experts if n.endswith(f".ep{layout.ep_rank(rank):03d}.pt")]
-    return experts
+    if saved_ep is None:
+        return experts
+    new_ep, r = layout.ep, layout.ep_rank(rank)
+
+    def needed(name: str) -> bool:
+        k = int(name.rsplit(".ep", 1)[1].removesuffix(".pt"))
+        return k * new_ep < (r + 1) * saved_ep and r * saved_ep < (k + 1) * new_ep
+
+    return [n for n in experts if needed(n)]
 
 
 def load_portable(folder: Path, engine: Any, layout: ParallelLayout, expert_files: set[str] | None = None) -> int:

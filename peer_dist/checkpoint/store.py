@@ -458,19 +458,20 @@ def files_to_load(ckpt: Checkpoint, entries: dict[str, Any], layout: ParallelLay
     """The checkpoint files (relative paths) this rank reads to resume at ``layout``.
 
     The trainer state, the dense state, this rank's RNG state when the saving run had the
-    same world size, and the expert shard files this rank takes rows from: only its own
-    shard when the saving run split the experts the same way (same EP size and
-    ``parallel.expert_layout``), else every shard (resharding by global id).
+    same world size, and the expert shard files this rank takes rows from: those whose
+    range of expert positions meets this rank's when the saving run used the same
+    ``parallel.expert_layout`` (its own shard at the same EP size), else every shard
+    (:func:`expert_files_to_read`).
     """
     state = ckpt.trainer_state()
     rank = dist.get_rank()
     names = [STATE, f"{STATE_DIR}/{DENSE_FILE}"]
     if state.get("world") == dist.get_world_size() and _rng_file(rank) in entries:
         names.append(_rng_file(rank))
-    same_split = (expert_layout is not None and state.get("expert_layout") == expert_layout
-                  and state.get("layout", {}).get("ep") == layout.ep)
+    same_owners = expert_layout is not None and state.get("expert_layout") == expert_layout
+    saved_ep = state.get("layout", {}).get("ep") if same_owners else None
     in_state = [n.removeprefix(f"{STATE_DIR}/") for n in entries if n.startswith(f"{STATE_DIR}/")]
-    names += [f"{STATE_DIR}/{n}" for n in expert_files_to_read(in_state, layout, rank, same_split)]
+    names += [f"{STATE_DIR}/{n}" for n in expert_files_to_read(in_state, layout, rank, saved_ep)]
     return names
 
 
@@ -511,18 +512,19 @@ def load_engine_state(ckpt: Checkpoint, engine: Any, layout: ParallelLayout, exp
     """Collective: restore model and optimizer into ``engine`` (any layout) and this rank's RNG.
 
     Reads exactly :func:`files_to_load` (what :func:`choose_checkpoint` verified on this
-    rank). Returns Adam's step count. The RNG states come back only when this rank existed
-    in the saving run (same world size); training itself draws no random numbers.
+    rank). Returns the bytes this rank read (the files' sizes in the manifest). The RNG
+    states come back only when this rank existed in the saving run (same world size);
+    training itself draws no random numbers.
     """
     entries = _manifest_entries(ckpt)
     if isinstance(entries, str):
         raise CheckpointError(f"checkpoint {ckpt.path}: {entries}")
     names = files_to_load(ckpt, entries, layout, expert_layout)
     experts = {n.removeprefix(f"{STATE_DIR}/") for n in names if n.startswith(f"{STATE_DIR}/{EXPERTS_DIR}/")}
-    step_count = load_portable(ckpt.path / STATE_DIR, engine, layout, expert_files=experts)
+    load_portable(ckpt.path / STATE_DIR, engine, layout, expert_files=experts)
     if _rng_file(dist.get_rank()) in names:
         set_rng_state(torch.load(ckpt.path / _rng_file(dist.get_rank()), weights_only=False))
-    return step_count
+    return sum(entries[n]["bytes"] for n in names if n in entries)
 
 
 def _rng_file(rank: int) -> str:

@@ -75,6 +75,7 @@ class _Setup:
     state_buffers: list[str] | None = None  # persistent buffer names, see _state_buffers
     gradients: GradientWatch | None = None  # NaN/Inf in this rank's gradients (the guard's second check)
     lease: RunLease | None = None  # rank 0: this job's lease on the run folder
+    startup: dict[str, float] = field(default_factory=dict)  # startup/* metrics: set-up and resume cost
 
 
 def run_training(cfg: Config) -> TrainResult:
@@ -124,7 +125,9 @@ def _set_up(cfg: Config) -> _Setup:
                           f"({manifest.vocab_size}); use 0 to take it from the data")
     seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
     placement = ExpertPlacement(layout.ep, layout.ep_rank(env.rank), cfg.parallel.expert_layout)
+    build_start = time.perf_counter()
     model = build_model(cfg.model, vocab, placement).to(device)
+    model_init_s = time.perf_counter() - build_start
     parallelize_experts(model, layout, env.rank, row_sparse_tables=cfg.train.expert_update == "sparse")
     engine = build_engine(model, cfg, layout)
     if layout.dp > 1:
@@ -132,7 +135,8 @@ def _set_up(cfg: Config) -> _Setup:
     get_logger().info("parallel layout: %s", layout.describe())
     flops = model_flops_per_token(cfg.model, vocab, manifest.seq_len)
     return _Setup(env, layout, device, manifest, model, engine, flops_per_token=flops, started=started,
-                  gradients=GradientWatch(engine.module.parameters()))
+                  gradients=GradientWatch(engine.module.parameters()),
+                  startup={"startup/set_up_s": time.perf_counter() - started, "startup/model_init_s": model_init_s})
 
 
 def seed_everything(seed: int) -> None:
@@ -172,9 +176,12 @@ def _resume(cfg: Config, setup: _Setup, plan: FaultPlan) -> dict[str, Any]:
         get_logger().info("elastic resume: checkpoint written at world %s %s, resharding to world %d %s",
                           state.get("world"), state.get("layout"), setup.env.world, _layout_state(setup.layout))
     _warn_if_statistics_batch_changes(state, cfg, setup)
-    load_engine_state(ckpt, setup.engine, setup.layout, cfg.parallel.expert_layout)
+    start = time.perf_counter()
+    read = load_engine_state(ckpt, setup.engine, setup.layout, cfg.parallel.expert_layout)
+    setup.startup.update({"startup/resume_s": time.perf_counter() - start, "startup/checkpoint_read_mb": read / 2**20})
     _schedule_lr_at(setup.engine, state["step"])
-    get_logger().info("resumed from %s (step %d)", ckpt.path, state["step"])
+    get_logger().info("resumed from %s (step %d; this rank read %.1f MB in %.1f s)", ckpt.path, state["step"],
+                      read / 2**20, setup.startup["startup/resume_s"])
     return state
 
 
@@ -501,6 +508,8 @@ def _log_interval(cfg: Config, setup: _Setup, loop: _Loop, interval_loss: torch.
     values.update(dispatch_metrics(setup.engine.module, setup.device))
     values.update(router_metrics(setup.engine.module))
     values.update(table_metrics(table_optimizer(setup.engine)))
+    values.update(setup.startup)  # the first log line after a start carries what the start cost
+    setup.startup = {}
     setup.writer.scalars(values, loop.step)
     loss = values.get("train/loss", float("nan"))
     get_logger().info("step %d  loss %s  lr %.2e  tok/s %.0f", loop.step,
