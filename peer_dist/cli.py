@@ -65,7 +65,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from peer_dist.train.signals import EXIT_PREEMPTED
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"train.init_from={args.init_from}"] if args.init_from else [])
+    cfg = load_config(args.config, overrides)
     result = run_training(cfg)
     return EXIT_PREEMPTED if result.preempted else 0
 
@@ -81,8 +82,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from peer_dist.checkpoint.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite)
-    print(f"exported {args.checkpoint} -> {out} (model.safetensors, config.toml)")
+    out = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite, data=args.data)
+    print(f"exported {args.checkpoint} -> {out} (model.safetensors, config.toml, export.json, tokenizer)")
     return 0
 
 
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "blocks, 8 GPUs, bf16), paper_dense.toml, peer_1m_ep2.toml (1024^2 experts sharded over 2 "
                        "ranks).")
     p.add_argument("--config", "-c", default=None, help="TOML or YAML config file (default: the small model above)")
+    p.add_argument("--init-from", default=None, metavar="EXPORT",
+                   help="start from an export's weights (fine-tuning; same as train.init_from=EXPORT)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.d_model=128 train.max_steps=50")
     p.set_defaults(func=_train)
 
@@ -182,9 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("export", help="full unsharded weights (safetensors) + config of a checkpoint")
+    p = sub.add_parser("export", help="a self-contained model: unsharded weights (safetensors), config, tokenizer")
     p.add_argument("checkpoint", help="run folder, its checkpoints/ folder, or one step_NNNNNN folder")
-    p.add_argument("--output", "-o", required=True, help="folder for model.safetensors and config.toml")
+    p.add_argument("--output", "-o", required=True, help="folder for the export")
+    p.add_argument("--data", default=None, help="prepared folder to take the tokenizer from (default: the data "
+                   "the run trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --output")
     p.set_defaults(func=_export)
 
