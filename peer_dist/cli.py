@@ -1,4 +1,5 @@
-"""`peer-dist` command line: prepare | prepare-merge | tokenizer | verify | train | eval | export | bench | torchrun | sweep."""
+"""`peer-dist` command line: prepare | prepare-merge | tokenizer | verify | train | eval | export | generate | bench |
+torchrun | sweep."""
 
 from __future__ import annotations
 
@@ -193,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --output")
     p.set_defaults(func=_export)
 
+    from peer_dist.inference import command as generate_command
+
+    p = sub.add_parser("generate", help="text from a run's checkpoint or an export (KV cache, sampling, streaming)")
+    generate_command.add_arguments(p)
+    p.set_defaults(func=generate_command.run)
+
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bench = p.add_subparsers(dest="bench", required=True)
     from peer_dist.bench import ckpt, ep, layer
@@ -218,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("prepare", help="prepare throughput (MB/s) at 1 and 2 workers, byte and BPE; peak RSS")
     prepare_bench.add_arguments(b)
     b.set_defaults(func=_bench, bench_run=prepare_bench.run)
+
+    from peer_dist.bench import generate as generate_bench
+
+    b = bench.add_parser("generate", help="prefill and decode tokens/s (KV cache vs recompute); with "
+                         "--prompt-experts: perplexity, speed and rows of prompt-selected experts")
+    generate_bench.add_arguments(b)
+    b.set_defaults(func=_bench, bench_run=generate_bench.run)
 
     from peer_dist.sweep import cli as sweep_cli
 
