@@ -81,6 +81,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        from peer_dist.inference.hf_export import export_hf
+
+        out = export_hf(args.checkpoint, args.output, overwrite=args.overwrite, data=args.data)
+        print(f"exported {args.checkpoint} -> {out} (Hugging Face transformers, trust_remote_code=True)")
+        return 0
     from peer_dist.checkpoint.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite, data=args.data)
@@ -187,8 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("export", help="a self-contained model: unsharded weights (safetensors), config, tokenizer")
-    p.add_argument("checkpoint", help="run folder, its checkpoints/ folder, or one step_NNNNNN folder")
+    p.add_argument("checkpoint", help="run folder, its checkpoints/ folder, one step_NNNNNN folder (or, for "
+                   "--format hf, an export)")
     p.add_argument("--output", "-o", required=True, help="folder for the export")
+    p.add_argument("--format", choices=("peer-dist", "hf"), default="peer-dist",
+                   help="peer-dist (default) or hf: a Hugging Face transformers folder (trust_remote_code)")
     p.add_argument("--data", default=None, help="prepared folder to take the tokenizer from (default: the data "
                    "the run trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --output")
