@@ -159,12 +159,37 @@ def test_a_missing_model_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == EXIT_USER_ERROR and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_bench_generate_reports_both_modes(trained: Path, tmp_path: Path) -> None:
+def test_bench_generate_reports_both_modes(trained: Path, tmp_path: Path, tiny_data: Path) -> None:
+    """Speed rows, and prompt selection whose pool is every expert (256) and every neuron (1.0):
+    the continuation perplexity must equal full retrieval's, a smaller pool's must not."""
     import json
 
-    out = run_cli(["bench", "generate", str(trained / "export"), "--prompt-len", "8", "--new-tokens", "6",
-                   "--repeats", "1", "--batch", "2", "--json", str(tmp_path / "b.json")]).stdout
-    speed = json.loads((tmp_path / "b.json").read_text())["speed"]
+    out = run_cli(["bench", "generate", str(trained / "export"), "--prompt-len", "16", "--new-tokens", "16",
+                   "--repeats", "1", "--batch", "2", "--json", str(tmp_path / "b.json"), "--prompt-experts", "8,256",
+                   "--prompt-neurons", "1.0", "--data", str(tiny_data), "--eval-sequences", "20"]).stdout
+    results = json.loads((tmp_path / "b.json").read_text())
+    speed = results["speed"]
     ratio = speed["recompute"]["decode_tokens_per_s"] / speed["kv cache"]["decode_tokens_per_s"]
-    assert f"{ratio:.2f}x" in out.splitlines()[-1] and out.splitlines()[-1].startswith("recompute")
+    assert any(line.startswith("recompute") and f"{ratio:.2f}x" in line for line in out.splitlines())
     assert all(row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0 for row in speed.values())
+    modes = results["selection"]["modes"]
+    full = modes["full retrieval"]["continuation_perplexity"]
+    assert modes["experts 256"]["continuation_perplexity"] == pytest.approx(full, rel=1e-5)
+    assert modes["neurons 1"]["continuation_perplexity"] == pytest.approx(full, rel=1e-5)
+    assert modes["experts 8"]["continuation_perplexity"] != pytest.approx(full, rel=1e-3)
+    # a sequence holds its pool of 8 rows or the table of 256 (u and v of width 32, fp32); decoding 20
+    # sequences in chunks of 16 and 4 reads at most 8 x 16 and 8 x 4 pool rows (mean 80)
+    assert modes["experts 8"]["expert_rows_held_per_sequence"] == 8
+    assert modes["full retrieval"]["expert_rows_held_per_sequence"] == 256
+    assert modes["experts 8"]["expert_mb_held_per_sequence"] == 8 * 2 * 32 * 4 / 2**20
+    assert modes["experts 8"]["expert_rows_read_per_chunk"] <= 80 < modes["full retrieval"]["expert_rows_read_per_chunk"]
+
+
+def test_generate_with_prompt_selection(trained: Path) -> None:
+    """A pool of all 256 experts and all neurons is exact: the same greedy text as without."""
+    args = ["generate", str(trained / "export"), "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0"]
+    plain = run_cli(args).stdout
+    assert run_cli([*args, "--prompt-experts", "256", "--prompt-neurons", "1"]).stdout == plain
+    run_cli([*args, "--prompt-experts", "16", "--prompt-neurons", "0.5"])
+    proc = run_cli([*args, "--prompt-experts", "3"], check=False)
+    assert proc.returncode == EXIT_USER_ERROR and "--prompt-experts 3 is below the layer's top-k 4" in proc.stderr

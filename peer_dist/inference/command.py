@@ -1,4 +1,5 @@
-"""`peer-dist generate`: text from a run's checkpoint or an export, streamed to the terminal."""
+"""`peer-dist generate`: text from a run's checkpoint or an export, streamed to the terminal; optionally
+decoding with prompt-selected experts and neurons (peer_dist/inference/prompt_experts.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from peer_dist.errors import ConfigError, DataError
 from peer_dist.inference.generate import Sampling, TextStream, generate
 from peer_dist.inference.loading import LoadedModel, load_model, resolve_device
+from peer_dist.inference.prompt_experts import prompt_selection
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,6 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed gives the same text)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--prompt-experts", type=int, default=0, metavar="M",
+                   help="decode with each sequence's M experts of most prompt gate mass per PEER layer (0: off)")
+    p.add_argument("--prompt-neurons", type=float, default=0.0, metavar="FRACTION",
+                   help="decode dense FFN blocks with this fraction of neurons, chosen by the prompt (GRIFFIN; 0: off)")
 
 
 def prompt_texts(args: argparse.Namespace) -> list[str]:
@@ -54,19 +60,22 @@ def encode_prompts(loaded: LoadedModel, texts: list[str], max_new_tokens: int) -
 def run(args: argparse.Namespace) -> int:
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     sampling.check()
+    if args.prompt_experts < 0 or args.prompt_neurons < 0:
+        raise ConfigError("--prompt-experts and --prompt-neurons must be >= 0 (0: off)")
     texts = prompt_texts(args)
     loaded = load_model(args.model, resolve_device(args.device))
     prompts = encode_prompts(loaded, texts, sampling.max_new_tokens)
     tok = loaded.tokenizer
-    stream = None
-    if len(prompts) == 1:  # one prompt: its text as it is generated
-        print(texts[0], end="", flush=True)
-        stream = TextStream(tok.decode, lambda text: print(text, end="", flush=True))
-    started = time.perf_counter()
-    outputs = generate(loaded.model, prompts, sampling, tok.eot_id,
-                       on_tokens=None if stream is None else lambda token_B, live_B: (
-                           stream.add(int(token_B[0])) if bool(live_B[0]) else None))
-    elapsed = time.perf_counter() - started
+    with prompt_selection(loaded.model, experts=args.prompt_experts, neurons=args.prompt_neurons) as selection:
+        stream = None
+        if len(prompts) == 1:  # one prompt: its text as it is generated
+            print(texts[0], end="", flush=True)
+            stream = TextStream(tok.decode, lambda text: print(text, end="", flush=True))
+        started = time.perf_counter()
+        outputs = generate(loaded.model, prompts, sampling, tok.eot_id, hook=selection,
+                           on_tokens=None if stream is None else lambda token_B, live_B: (
+                               stream.add(int(token_B[0])) if bool(live_B[0]) else None))
+        elapsed = time.perf_counter() - started
     if stream is not None:
         stream.close()
         print()
