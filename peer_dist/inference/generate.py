@@ -115,9 +115,12 @@ def generate(model: TransformerLM, prompts: list[list[int]], sampling: Sampling,
         live_B &= token_B != eot_id
         if on_tokens is not None:
             on_tokens(token_B, live_B)
-        for b in live_B.nonzero().flatten().tolist():  # NOTE: host sync (the ids are the output)
-            out[b].append(int(token_B[b]))
-        if not bool(live_B.any()) or step == sampling.max_new_tokens - 1:
+        # NOTE: host sync, one per step: the ids are the output, and all-stopped ends the loop
+        tokens, live = token_B.tolist(), live_B.tolist()
+        for b in range(batch):
+            if live[b]:
+                out[b].append(tokens[b])
+        if not any(live) or step == sampling.max_new_tokens - 1:
             break
         logits_BV = model(token_B.unsqueeze(1), cache)[:, -1]
     return out
