@@ -16,6 +16,7 @@ fi
 # torch first and pinned: a looser requirement would pull a multi-GB CUDA build.
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 # [gpu] is Triton: its CPU interpreter lets the tests check the fused kernels without a GPU.
-"$VENV/bin/python" -m pip install -q -e ".[dev,mpi,gpu]"
+# [hf] is transformers: the tests load `peer-dist export --format hf` folders with it.
+"$VENV/bin/python" -m pip install -q -e ".[dev,mpi,gpu,hf]"
 echo "$want" > "$stamp"
 echo "environment ready: $VENV"

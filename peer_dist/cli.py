@@ -1,4 +1,5 @@
-"""`peer-dist` command line: prepare | prepare-merge | tokenizer | verify | train | eval | export | bench | torchrun | sweep."""
+"""`peer-dist` command line: prepare | prepare-merge | tokenizer | verify | train | eval | export | generate | bench |
+torchrun | sweep."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from peer_dist.train.signals import EXIT_PREEMPTED
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"train.init_from={args.init_from}"] if args.init_from else [])
+    cfg = load_config(args.config, overrides)
     result = run_training(cfg)
     return EXIT_PREEMPTED if result.preempted else 0
 
@@ -80,10 +82,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        from peer_dist.inference.hf_export import export_hf
+
+        out = export_hf(args.checkpoint, args.output, overwrite=args.overwrite, data=args.data)
+        print(f"exported {args.checkpoint} -> {out} (Hugging Face transformers, trust_remote_code=True)")
+        return 0
     from peer_dist.checkpoint.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite)
-    print(f"exported {args.checkpoint} -> {out} (model.safetensors, config.toml)")
+    out = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite, data=args.data)
+    print(f"exported {args.checkpoint} -> {out} (model.safetensors, config.toml, export.json, tokenizer)")
     return 0
 
 
@@ -172,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "blocks, 8 GPUs, bf16), paper_dense.toml, peer_1m_ep2.toml (1024^2 experts sharded over 2 "
                        "ranks).")
     p.add_argument("--config", "-c", default=None, help="TOML or YAML config file (default: the small model above)")
+    p.add_argument("--init-from", default=None, metavar="EXPORT",
+                   help="start from an export's weights (fine-tuning; same as train.init_from=EXPORT)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.d_model=128 train.max_steps=50")
     p.set_defaults(func=_train)
 
@@ -183,11 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("export", help="full unsharded weights (safetensors) + config of a checkpoint")
-    p.add_argument("checkpoint", help="run folder, its checkpoints/ folder, or one step_NNNNNN folder")
-    p.add_argument("--output", "-o", required=True, help="folder for model.safetensors and config.toml")
+    p = sub.add_parser("export", help="a self-contained model: unsharded weights (safetensors), config, tokenizer")
+    p.add_argument("checkpoint", help="run folder, its checkpoints/ folder, one step_NNNNNN folder (or, for "
+                   "--format hf, an export)")
+    p.add_argument("--output", "-o", required=True, help="folder for the export")
+    p.add_argument("--format", choices=("peer-dist", "hf"), default="peer-dist",
+                   help="peer-dist (default) or hf: a Hugging Face transformers folder (trust_remote_code)")
+    p.add_argument("--data", default=None, help="prepared folder to take the tokenizer from (default: the data "
+                   "the run trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --output")
     p.set_defaults(func=_export)
+
+    from peer_dist.inference import command as generate_command
+
+    p = sub.add_parser("generate", help="text from a run's checkpoint or an export (KV cache, sampling, streaming)")
+    generate_command.add_arguments(p)
+    p.set_defaults(func=generate_command.run)
 
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bench = p.add_subparsers(dest="bench", required=True)
@@ -219,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("prepare", help="prepare throughput (MB/s) at 1 and 2 workers, byte and BPE; peak RSS")
     prepare_bench.add_arguments(b)
     b.set_defaults(func=_bench, bench_run=prepare_bench.run)
+
+    from peer_dist.bench import generate as generate_bench
+
+    b = bench.add_parser("generate", help="prefill and decode tokens/s (KV cache vs recompute); with "
+                         "--prompt-experts: perplexity, speed and rows of prompt-selected experts")
+    generate_bench.add_arguments(b)
+    b.set_defaults(func=_bench, bench_run=generate_bench.run)
 
     from peer_dist.sweep import cli as sweep_cli
 

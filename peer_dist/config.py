@@ -128,6 +128,9 @@ class TrainConfig:
     zero_stage: int = _choice(0, (0, 1, 2))
     precision: str = _choice("fp32", ("fp32", "bf16"))
     seed: int = 0
+    # An export folder (`peer-dist export`): a run without a checkpoint starts from its weights
+    # (fine-tuning, any parallel layout; the model section defaults to the export's, see load_config).
+    init_from: str = ""
     log_interval: int = _at_least(20, 1)
     eval_interval: int = _at_least(100, 0)  # 0: only at the end
     eval_batches: int = _at_least(10, 1)  # per rank
@@ -198,14 +201,58 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults < file (TOML or YAML) < ``section.key=value`` overrides; validated."""
+    """Defaults < file (TOML or YAML) < ``section.key=value`` overrides; validated.
+
+    With ``train.init_from`` the export's model section sits between the defaults and the
+    file: a fine-tuning run needs no model settings, and one that sets a model key to
+    another value than the export's is refused at set-up (:func:`model_differences`).
+    """
     raw: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
     for item in overrides:
         key, value = _split_override(item)
         _set_dotted(raw, key, value)
+    init_from = raw.get("train", {}).get("init_from") if isinstance(raw.get("train"), dict) else None
+    if init_from:
+        raw["model"] = _merged(export_model_section(str(init_from)), raw.get("model", {}))
     cfg = from_dict(raw)
     validate(cfg)
     return cfg
+
+
+def export_model_section(folder: str) -> dict[str, Any]:
+    """The ``[model]`` section of an export's config.toml (``train.init_from``)."""
+    path = Path(folder) / "config.toml"
+    if not path.is_file():
+        raise ConfigError(f"train.init_from={folder}: no export there ({path} is missing); write one with "
+                          "`peer-dist export RUN --output FOLDER`")
+    try:
+        model = tomllib.loads(path.read_text()).get("model", {})
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"train.init_from={folder}: {path} does not parse ({exc})") from None
+    return model if isinstance(model, dict) else {}
+
+
+def _merged(base: dict[str, Any], top: Any) -> Any:
+    """``top`` over ``base``, section by section (dicts merge, values replace)."""
+    if not isinstance(top, dict):
+        return top
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(base[key], value) if isinstance(base.get(key), dict) else value
+    return out
+
+
+# Model keys that may differ from an export's when fine-tuning from it: where the same
+# math runs (kernel) and how weights would be initialised (they come from the export).
+INIT_SAFE_MODEL_KEYS = ("peer.kernel", "init_std")
+
+
+def model_differences(export_model: dict[str, Any], model: ModelConfig) -> list[str]:
+    """``"model.key: export -> this run"`` for every model key outside INIT_SAFE_MODEL_KEYS that differs."""
+    saved = _flat(dataclasses.asdict(from_dict(export_model, ModelConfig, "model.")))
+    now = _flat(dataclasses.asdict(model))
+    return [f"model.{key}: {saved[key]!r} -> {now[key]!r}" for key in sorted(saved)
+            if key not in INIT_SAFE_MODEL_KEYS and saved[key] != now[key]]
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -411,6 +458,8 @@ RESUME_SAFE_KEYS = (
     "train.micro_batch_size", "train.grad_accum",
     # Where and with which kernels the same math runs: a checkpoint written on CUDA resumes on CPU and back.
     "train.device", "train.backend", "model.peer.kernel",
+    # Read only when the run has no checkpoint yet; a resume continues from its own weights.
+    "train.init_from",
 )
 
 
@@ -435,14 +484,16 @@ def _hashed_keys(data: dict[str, Any]) -> dict[str, Any]:
 def hashed_differences(saved: Config, cfg: Config) -> list[str]:
     """The keys outside :data:`RESUME_SAFE_KEYS` where two configs differ, as
     ``"section.key: saved -> now"`` (why a resume with ``cfg`` is refused)."""
-    def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return out
-
-    before, now = flat(_hashed_keys(to_dict(saved))), flat(_hashed_keys(to_dict(cfg)))
+    before, now = _flat(_hashed_keys(to_dict(saved))), _flat(_hashed_keys(to_dict(cfg)))
     return [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(before) if before[key] != now[key]]
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> ``{"section.key": value}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def dump_toml(cfg: Config) -> str:

@@ -73,3 +73,28 @@ def assert_same_run(run: Path, reference: Path, steps: int = 4) -> None:
         assert (got - ref).abs().max() <= 1e-5, f"{name}: max abs difference {float((got - ref).abs().max()):.2e}"
     # The run actually moved the weights (so equality above is not the initial state twice).
     assert losses[-1] < losses[0]
+
+
+def small_lm(ffn: str, seed: int = 0, vocab: int = 257, **model: Any) -> torch.nn.Module:
+    """A small LM of one feed-forward kind in every other block, in eval mode, with non-trivial
+    query-BatchNorm running statistics (so a test sees whether inference uses them)."""
+    from peer_dist.config import from_dict
+    from peer_dist.model import build_model
+    from peer_dist.model.retrieval import QueryBatchNorm
+
+    settings = {"d_model": 32, "n_layers": 3, "n_heads": 2, "d_ff": 48, "ffn": ffn, "ffn_blocks": [0, 2],
+                "peer": {"num_experts": 256, "heads": 2, "topk": 4, "d_key": 16},
+                "pkm": {"num_values": 256, "heads": 2, "topk": 4, "d_key": 16},
+                "moe": {"num_experts": 4, "topk": 2, "d_expert": 24}, **model}
+    cfg = from_dict({"model": settings}).model
+    torch.manual_seed(seed)
+    lm = build_model(cfg, vocab)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in lm.modules():
+            if isinstance(m, QueryBatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return lm.eval()

@@ -3,10 +3,12 @@
 Shape suffixes used in this file:
     B  batch            T  sequence length      D  d_model
     H  attention heads  K  head dim (D // H)    F  dense FFN width
-    V  vocabulary
+    V  vocabulary       C  cache capacity (positions)   S  positions held (cached + new)
 
 Pre-norm blocks (RMSNorm), rotary position embeddings, causal attention through
 ``torch.nn.functional.scaled_dot_product_attention``, optional tied embeddings.
+With a :class:`KVCache` the forward takes the next tokens of sequences whose earlier
+keys and values the cache holds (incremental decoding; peer_dist/inference).
 The FFN of each block is ``dense`` (GELU MLP or SwiGLU) or ``peer``; which blocks
 get the configured kind is ``model.ffn_blocks`` (default: the middle block, as in
 the paper). Parallelism is applied from outside (``peer_dist.parallel``): nothing
@@ -69,7 +71,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d_model, d_model, bias=False)
         self.wo = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> Tensor:
+        """Causal attention over the T new positions, and over the cache's earlier ones when given."""
         B, T, _ = x_BTD.shape
         # The local head count follows the projection width (-1), so a TP-split wq keeps working.
         def heads(proj: nn.Linear) -> Tensor:
@@ -77,8 +81,58 @@ class Attention(nn.Module):
 
         q_BHTK, k_BHTK, v_BHTK = heads(self.wq), heads(self.wk), heads(self.wv)
         q_BHTK, k_BHTK = apply_rope(q_BHTK, cos, sin), apply_rope(k_BHTK, cos, sin)
-        y_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, is_causal=True)
+        if cache is None:
+            y_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, is_causal=True)
+        else:
+            k_BHSK, v_BHSK = cache.append(layer, k_BHTK, v_BHTK)
+            y_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHSK, v_BHSK, attn_mask=cache.mask(T))
         return self.wo(y_BHTK.transpose(1, 2).reshape(B, T, -1))
+
+
+class KVCache:
+    """Keys and values of every block for B sequences, up to ``capacity`` positions.
+
+    Sequences of different lengths are left-padded: sequence b starts at position
+    ``pad_B[b]``, and no query attends to a key before that (RoPE scores depend only
+    on the distance between positions, so the offset changes nothing else). A padding
+    position attends to itself only, which keeps its (unused) outputs finite.
+    """
+
+    def __init__(self, n_layers: int, batch: int, heads: int, head_dim: int, capacity: int,
+                 pad_B: Tensor | None = None, device: torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        shape = (batch, heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.capacity, self.length = capacity, 0
+        self.pad_B = torch.zeros(batch, dtype=torch.int64, device=device) if pad_B is None else pad_B.to(device)
+
+    @classmethod
+    def for_model(cls, model: TransformerLM, batch: int, capacity: int, pad_B: Tensor | None = None) -> KVCache:
+        weight = model.embed.weight
+        return cls(model.cfg.n_layers, batch, model.cfg.n_heads, model.cfg.d_model // model.cfg.n_heads, capacity,
+                   pad_B, weight.device, weight.dtype)
+
+    def append(self, layer: int, k_BHTK: Tensor, v_BHTK: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new positions' keys and values; return all held so far, (B, H, S, K) each."""
+        end = self.length + k_BHTK.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions cannot take position {end}")
+        self.k[layer][:, :, self.length:end] = k_BHTK
+        self.v[layer][:, :, self.length:end] = v_BHTK
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def mask(self, new: int) -> Tensor:
+        """(B, 1, T, S) True where query position i may attend to key position j:
+        j <= i and j >= pad_b (causal, not padding), or j == i."""
+        end = self.length + new
+        i_T1 = torch.arange(self.length, end, device=self.pad_B.device).unsqueeze(1)
+        j_1S = torch.arange(end, device=self.pad_B.device).unsqueeze(0)
+        allowed_BTS = (j_1S <= i_T1) & (j_1S >= self.pad_B.view(-1, 1, 1)) | (j_1S == i_T1)
+        return allowed_BTS.unsqueeze(1)
+
+    def advance(self, new: int) -> None:
+        self.length += new
 
 
 class DenseMLP(nn.Module):
@@ -118,8 +172,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model)
         self.ffn = build_ffn(cfg, ffn_kind, placement)
 
-    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> Tensor:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, layer)
         return x_BTD + self.ffn(self.ffn_norm(x_BTD))
 
 
@@ -193,11 +248,16 @@ class TransformerLM(nn.Module):
             self._rope_cache = cache = (seq_len, device, cos, sin)
         return cache[2][:seq_len], cache[3][:seq_len]
 
-    def forward(self, tokens_BT: Tensor) -> Tensor:
-        cos, sin = self._rope(tokens_BT.shape[1], tokens_BT.device)
+    def forward(self, tokens_BT: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits (B, T, V). With ``cache``: ``tokens_BT`` continue the cached positions."""
+        start = 0 if cache is None else cache.length
+        cos, sin = self._rope(start + tokens_BT.shape[1], tokens_BT.device)
+        cos, sin = cos[start:], sin[start:]
         x_BTD = self.embed(tokens_BT)
-        for block in self.blocks:
-            x_BTD = block(x_BTD, cos, sin)
+        for i, block in enumerate(self.blocks):
+            x_BTD = block(x_BTD, cos, sin, cache, i)
+        if cache is not None:
+            cache.advance(tokens_BT.shape[1])
         x_BTD = self.norm(x_BTD)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x_BTD, weight)

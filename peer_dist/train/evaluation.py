@@ -15,9 +15,9 @@ from peer_dist.checkpoint.export import Export, open_export
 from peer_dist.checkpoint.store import load_module_state, resolve_checkpoint
 from peer_dist.config import from_dict, validate
 from peer_dist.data import Manifest, val_batches
-from peer_dist.errors import CheckpointError, ConfigError, DataError
+from peer_dist.errors import ConfigError, DataError
 from peer_dist.log import get_logger, setup_logging
-from peer_dist.model import build_model
+from peer_dist.inference.loading import model_from_state
 from peer_dist.parallel.env import detect_env, finish_distributed, init_distributed, pick_backend, pick_device
 from peer_dist.train.metrics import evaluate
 
@@ -47,12 +47,7 @@ def run_eval(checkpoint: str | Path, data_path: str | None = None, batch_size: i
     if manifest.vocab_size > vocab or (cfg.model.vocab_size == 0 and manifest.vocab_size != vocab):
         raise DataError(f"data at {data_dir} uses a tokenizer of {manifest.vocab_size} ids, the model of "
                         f"{ckpt.path} has {vocab}: evaluate on data prepared with the checkpoint's tokenizer")
-    model = build_model(cfg.model, vocab)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {ckpt.path} does not match its config: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
-    model.to(torch_device)
+    model = model_from_state(cfg, weights, ckpt.path).to(torch_device)
     batches = val_batches(data_dir, rank=env.rank, world=env.world,
                           batch_size=batch_size or cfg.train.micro_batch_size, max_batches=max_batches,
                           read_retries=cfg.data.read_retries, retry_wait_s=cfg.data.retry_wait_s)

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from peer_dist.checkpoint.export import load_export_into, require_export
 from peer_dist.checkpoint.store import (
-    Checkpoint, SaveOutcome, await_async_save, choose_checkpoint, load_engine_state, poll_async_save, save_checkpoint,
-    wait_for_pending_save,
+    Checkpoint, SaveOutcome, await_async_save, choose_checkpoint, list_checkpoints, load_engine_state, poll_async_save,
+    save_checkpoint, wait_for_pending_save,
 )
-from peer_dist.config import Config, config_hash, dump_toml, hashed_differences, load_config
+from peer_dist.config import Config, config_hash, dump_toml, hashed_differences, load_config, model_differences
 from peer_dist.data import Manifest, TrainStream, val_batches
-from peer_dist.errors import CheckpointError, ConfigError
+from peer_dist.errors import CheckpointError, ConfigError, DataError
 from peer_dist.log import get_logger, setup_logging
 from peer_dist.model import ExpertPlacement, build_model, lm_loss
 from peer_dist.model.flops import model_flops_per_token
@@ -126,7 +127,10 @@ def _set_up(cfg: Config) -> _Setup:
     seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
     placement = ExpertPlacement(layout.ep, layout.ep_rank(env.rank), cfg.parallel.expert_layout)
     build_start = time.perf_counter()
-    model = build_model(cfg.model, vocab, placement).to(device)
+    model = build_model(cfg.model, vocab, placement)
+    if cfg.train.init_from and not list_checkpoints(cfg.run_dir / "checkpoints"):
+        _init_from_export(cfg, model, manifest)
+    model = model.to(device)
     model_init_s = time.perf_counter() - build_start
     parallelize_experts(model, layout, env.rank, row_sparse_tables=cfg.train.expert_update == "sparse")
     engine = build_engine(model, cfg, layout)
@@ -137,6 +141,28 @@ def _set_up(cfg: Config) -> _Setup:
     return _Setup(env, layout, device, manifest, model, engine, flops_per_token=flops, started=started,
                   gradients=GradientWatch(engine.module.parameters()),
                   startup={"startup/set_up_s": time.perf_counter() - started, "startup/model_init_s": model_init_s})
+
+
+def _init_from_export(cfg: Config, model: torch.nn.Module, manifest: Manifest) -> None:
+    """Fine-tuning: this rank's share of the export's weights, before parallelism is applied.
+
+    The export must be the same model (its config's model keys) trained with the same
+    tokenizer as the data of this run; the optimizer and schedule start fresh at step 0.
+    """
+    export = require_export(cfg.train.init_from, "train.init_from")
+    differences = model_differences(export.config_dict().get("model", {}), cfg.model)
+    if differences:
+        raise ConfigError(f"train.init_from={export.path}: the model comes from the export, but this run sets "
+                          f"{'; '.join(differences)}; drop those settings")
+    saved, data = export.info.get("tokenizer"), manifest.info["tokenizer"]
+    same = saved is not None and all(saved.get(k) == data.get(k) for k in ("vocab_size", "eot_id", "sha256"))
+    if not same or (saved["name"] == "byte") != (data["name"] == "byte"):
+        raise DataError(f"train.init_from={export.path} was trained with tokenizer {saved}, data {cfg.data.path} "
+                        f"is tokenized with {data}: prepare the data with the export's tokenizer "
+                        f"(peer-dist prepare --tokenizer-file {export.path}/tokenizer.json, or --tokenizer byte)")
+    load_export_into(model, export)
+    get_logger().info("initialised from export %s (step %d of %s)", export.path, export.step,
+                      export.info.get("source", "?"))
 
 
 def seed_everything(seed: int) -> None:

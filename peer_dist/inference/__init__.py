@@ -1,0 +1,1 @@
+"""Using trained models: loading (export or checkpoint), generation with a KV cache, prompt-selected experts."""
