@@ -1,8 +1,16 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA the Triton kernels run under Triton's CPU interpreter. The switch must be set
+# before anything imports triton (DeepSpeed does on import, and other test modules import
+# DeepSpeed at collection), so it is set here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

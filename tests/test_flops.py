@@ -112,8 +112,10 @@ def test_moe_hand_count() -> None:
 
 
 def test_paper_scale_retrieval_numbers() -> None:
-    # Paper defaults N = 1024^2, h = 8, k = 16, d_key = 128 at d = 512: M = 50.
-    cfg = ModelConfig(d_model=512, ffn="peer")
+    # The paper's N = 1024^2, h = 8, k = 16, d_key = 128 at d = 512: M = 50.
+    from peer_dist.config import PEERConfig
+
+    cfg = ModelConfig(d_model=512, ffn="peer", peer=PEERConfig(num_experts=1024**2, heads=8, topk=16, d_key=128))
     forward = ffn_flops_per_token(cfg, "peer", 2048)
     assert forward["keys"] == 8 * 2 * 1024 * 128  # 2,097,152: scoring dominates retrieval
     assert forward["candidates"] == 8 * 50

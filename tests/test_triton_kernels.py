@@ -1,7 +1,7 @@
 """The fused Triton kernels (kernel="triton") against float64 references.
 
-Without CUDA they run under Triton's interpreter (TRITON_INTERPRET=1, set here before
-triton is first imported), on CPU tensors: that is how CI checks them on every commit.
+Without CUDA they run under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py
+before triton is first imported, and here for a run of this file alone), on CPU tensors: that is how CI checks them on every commit.
 On a CUDA machine the same tests run the compiled kernels on the GPU. Shapes are small
 (the interpreter executes every program in Python) but cross every block boundary: rows
 with more slots than BLOCK_J, d_model wider than MAX_BLOCK_D, experts retrieved by more
