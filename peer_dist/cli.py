@@ -1,5 +1,5 @@
-"""`peer-dist` command line: prepare | prepare-merge | tokenizer | verify | train | eval | export | generate | bench |
-torchrun | sweep."""
+"""`peer-dist` command line: prepare | prepare-merge | tokenizer | verify | train | eval | export | grow | generate |
+bench | torchrun | sweep."""
 
 from __future__ import annotations
 
@@ -92,6 +92,19 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite, data=args.data)
     print(f"exported {args.checkpoint} -> {out} (model.safetensors, config.toml, export.json, tokenizer)")
+    return 0
+
+
+def _grow(args: argparse.Namespace) -> int:
+    from peer_dist.checkpoint.grow import run_grow
+
+    result, before, after = run_grow(args.checkpoint, args.num_experts, args.output, list(args.overrides),
+                                     key_scale=args.key_scale, seed=args.seed, batches=args.batches)
+    print(f"grew {', '.join(result.layers)}: {result.old_sub_keys}^2 -> {result.new_sub_keys}^2 experts; "
+          f"first checkpoint of the new run: {result.checkpoint}")
+    print(f"validation loss before {before:.4f}  after {after:.4f}  change {after - before:+.4f} "
+          f"({args.batches} batches)")
+    print(f"continue it with: peer-dist train -c {args.output}/config.toml train.max_steps=...")
     return 0
 
 
@@ -203,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "the run trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --output")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("grow", help="a checkpoint -> the first checkpoint of a new run with a larger PEER pool "
+                       "(old experts keep their rows and optimizer state)")
+    p.add_argument("checkpoint", help="run folder, its checkpoints/ folder or a step_NNNNNN folder")
+    p.add_argument("--num-experts", type=int, required=True, help="experts per PEER layer after growth: m^2 > n^2")
+    p.add_argument("--output", "-o", required=True, help="the new run folder (must not exist)")
+    p.add_argument("--key-scale", type=float, default=0.5, help="scale of the new sub-keys relative to a fresh "
+                   "layer's: smaller changes the function less at growth and retrieves new experts less at first")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new sub-keys and u rows")
+    p.add_argument("--batches", type=int, default=20, help="validation batches for the loss before and after")
+    p.add_argument("overrides", nargs="*", help="settings of the new run, e.g. train.old_expert_lr_scale=0 "
+                   "train.trainable=peer train.max_steps=600")
+    p.set_defaults(func=_grow)
 
     from peer_dist.inference import command as generate_command
 

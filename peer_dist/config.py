@@ -49,6 +49,9 @@ class PEERConfig:
     # Expert-compute kernel: "auto" = the fused Triton kernels on CUDA (when triton is installed),
     # the torch path elsewhere; "triton", "fused" or "chunked" force one (see peer_dist/model/peer.py).
     kernel: str = _choice("auto", ("auto", "fused", "chunked", "triton"))
+    # Sub-keys per half before the last `peer-dist grow` (which sets it; 0: never grown): the
+    # experts a * n + b with a, b below it are the old ones (train.old_expert_lr_scale).
+    grown_from: int = _at_least(0, 0)
 
 
 @dataclass
@@ -125,6 +128,11 @@ class TrainConfig:
     expert_update: str = _choice("sparse", ("sparse", "dense"))
     # Peak learning rate of the expert tables (PEER u/v, PKM values) relative to train.lr.
     table_lr_scale: float = _at_least(1.0, 0.0)
+    # After `peer-dist grow`: learning rate of the old experts' u/v rows relative to the tables'
+    # (0 freezes them: their rows and moments stay bit-identical). Needs expert_update = "sparse".
+    old_expert_lr_scale: float = _at_least(1.0, 0.0)
+    # Which parameters train: "all", or "peer" (only the PEER layers; every other weight frozen).
+    trainable: str = _choice("all", ("all", "peer"))
     zero_stage: int = _choice(0, (0, 1, 2))
     precision: str = _choice("fp32", ("fp32", "bf16"))
     seed: int = 0
@@ -207,16 +215,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     file: a fine-tuning run needs no model settings, and one that sets a model key to
     another value than the export's is refused at set-up (:func:`model_differences`).
     """
-    raw: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
-    for item in overrides:
-        key, value = _split_override(item)
-        _set_dotted(raw, key, value)
+    raw = raw_with_overrides(_read_file(Path(path)) if path is not None else {}, overrides)
     init_from = raw.get("train", {}).get("init_from") if isinstance(raw.get("train"), dict) else None
     if init_from:
         raw["model"] = _merged(export_model_section(str(init_from)), raw.get("model", {}))
     cfg = from_dict(raw)
     validate(cfg)
     return cfg
+
+
+def raw_with_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``raw`` (nested sections, not yet checked) with ``section.key=value`` overrides applied."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, value = _split_override(item)
+        _set_dotted(raw, key, value)
+    return raw
 
 
 def export_model_section(folder: str) -> dict[str, Any]:
@@ -392,8 +406,21 @@ def validate(cfg: Config) -> None:
             parse_signal(name)
         except ConfigError as exc:
             raise ConfigError(f"train.stop_signals: {exc}") from None
+    _validate_growth(cfg)
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a non-empty folder name without '/'")
+
+
+def _validate_growth(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
+    if m.peer.grown_from and m.peer.grown_from ** 2 >= m.peer.num_experts:
+        raise ConfigError(f"model.peer.grown_from={m.peer.grown_from} must be below sqrt(model.peer.num_experts) "
+                          f"= {m.peer.num_experts ** 0.5:g} (it is written by `peer-dist grow`)")
+    if t.old_expert_lr_scale != 1.0 and not (m.ffn == "peer" and m.peer.grown_from):
+        raise ConfigError("train.old_expert_lr_scale needs a grown PEER model (model.peer.grown_from > 0): "
+                          "make one with `peer-dist grow RUN --num-experts M -o NEW_RUN`")
+    if t.old_expert_lr_scale != 1.0 and t.expert_update != "sparse":
+        raise ConfigError("train.old_expert_lr_scale needs train.expert_update = \"sparse\" (row updates)")
 
 
 def _validate_parallel(cfg: Config) -> None:

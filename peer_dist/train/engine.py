@@ -149,6 +149,34 @@ def table_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+def freeze_outside(model: nn.Module, trainable: str) -> None:
+    """train.trainable = "peer": every parameter outside the PEER layers stops training
+    (``requires_grad=False``: no gradient, in no optimizer group, bit-identical after training)."""
+    if trainable == "all":
+        return
+    inside = {id(p) for m in model.modules() if isinstance(m, PEER) for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in inside:
+            p.requires_grad_(False)
+
+
+def old_expert_row_scales(model: nn.Module, grown_from: int, scale: float) -> dict[int, torch.Tensor]:
+    """id(table) -> (L,) learning-rate factor per local row: ``scale`` for the experts from
+    before growth (model.peer.grown_from), 1 for the new ones; empty when nothing differs."""
+    from peer_dist.checkpoint.grow import old_expert_mask
+
+    if not grown_from or scale == 1.0:
+        return {}
+    out = {}
+    for m in model.modules():
+        if isinstance(m, PEER):
+            tables = m.expert_tables
+            old = old_expert_mask(tables.sharding.global_ids(), grown_from, m.num_sub_keys)
+            factor = torch.where(old, scale, 1.0).to(tables.u.device)
+            out[id(tables.u)] = out[id(tables.v)] = factor
+    return out
+
+
 def lr_lambda(train: TrainConfig) -> Any:
     """Linear warmup to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
 
@@ -180,9 +208,12 @@ def build_engine(model: nn.Module, cfg: Config, layout: ParallelLayout) -> Any:
     import deepspeed
 
     t = cfg.train
+    freeze_outside(model, t.trainable)
     tables = None
     if t.expert_update == "sparse" and table_parameters(model):
-        tables = SparseTableAdamW([TableSpec(p) for p in table_parameters(model)], lr=t.lr * t.table_lr_scale,
+        scales = old_expert_row_scales(model, cfg.model.peer.grown_from, t.old_expert_lr_scale)
+        specs = [TableSpec(p, row_scale=scales.get(id(p))) for p in table_parameters(model)]
+        tables = SparseTableAdamW(specs, lr=t.lr * t.table_lr_scale,
                                   betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=0.0,
                                   grad_divisor=layout.dp, lr_factor=lr_lambda(t))
     groups = param_groups(model, t.weight_decay, table_lr=t.lr * t.table_lr_scale)
