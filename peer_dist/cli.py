@@ -1,4 +1,4 @@
-"""`peer-dist` command line: prepare | prepare-merge | tokenizer | verify | train | eval | export | grow | generate |
+"""`peer-dist` command line: prepare | prepare-merge | tokenizer | verify | train | eval | export | grow | usage | generate |
 bench | torchrun | sweep."""
 
 from __future__ import annotations
@@ -78,6 +78,14 @@ def _eval(args: argparse.Namespace) -> int:
 
     run_eval(args.checkpoint, data_path=args.data, batch_size=args.batch_size, max_batches=args.batches,
              device=args.device)
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from peer_dist.train.evaluation import run_usage
+
+    run_usage(args.checkpoint, args.output, data_path=args.data, batch_size=args.batch_size,
+              max_batches=args.batches, device=args.device)
     return 0
 
 
@@ -193,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "blocks, 8 GPUs, bf16), paper_dense.toml, peer_1m_ep2.toml (1024^2 experts sharded over 2 "
                        "ranks).")
     p.add_argument("--config", "-c", default=None, help="TOML or YAML config file (default: the small model above)")
-    p.add_argument("--init-from", default=None, metavar="EXPORT",
-                   help="start from an export's weights (fine-tuning; same as train.init_from=EXPORT)")
+    p.add_argument("--init-from", default=None, metavar="RUN_OR_EXPORT",
+                   help="start from an export's or a run's weights (fine-tuning; same as train.init_from=...; "
+                   "with model.add_peer=residual|replace, PEER layers are added)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.d_model=128 train.max_steps=50")
     p.set_defaults(func=_train)
 
@@ -205,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=None, help="validation batches per rank (default: all)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("usage", help="expert usage statistics of a PEER model on validation batches (background or "
+                       "target of sparse expert finetuning, train.sparse_experts)")
+    p.add_argument("checkpoint", help="run folder, its checkpoints/ folder, a step_NNNNNN folder or an export")
+    p.add_argument("--output", "-o", required=True, help="file to write (torch.save; must not exist)")
+    p.add_argument("--data", default=None, help="prepared data folder (default: the one the run trained on)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batches", type=int, default=50, help="validation batches (each one document of the ranking)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=_usage)
 
     p = sub.add_parser("export", help="a self-contained model: unsharded weights (safetensors), config, tokenizer")
     p.add_argument("checkpoint", help="run folder, its checkpoints/ folder, one step_NNNNNN folder (or, for "
