@@ -532,6 +532,15 @@ RESUME_SAFE_KEYS = (
 )
 
 
+# Keys added after runs were checkpointed whose default leaves a run as it was: at their default
+# they are left out of the hash, so a checkpoint written before they existed still resumes.
+HASHED_UNLESS_DEFAULT = {
+    "model.peer.grown_from": 0, "model.add_peer": "none", "model.add_peer_blocks": "middle",
+    "train.old_expert_lr_scale": 1.0, "train.trainable": "all", "train.sparse_experts": 0,
+    "train.sparse_experts_background": "", "train.sparse_experts_select": "step", "train.sparse_experts_target": "",
+}
+
+
 def config_hash(cfg: Config) -> str:
     """sha256 (16 hex digits) of the config minus :data:`RESUME_SAFE_KEYS`; a resume
     whose hash differs from the checkpoint's would mix incompatible runs."""
@@ -541,11 +550,13 @@ def config_hash(cfg: Config) -> str:
 def _hashed_keys(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` (a config as nested dicts) without the :data:`RESUME_SAFE_KEYS`."""
     data = copy.deepcopy(data)
-    for key in RESUME_SAFE_KEYS:
+    for key in (*RESUME_SAFE_KEYS, *HASHED_UNLESS_DEFAULT):
         *parents, leaf = key.split(".")
         node = data
         for part in parents:
             node = node.get(part, {})
+        if key in HASHED_UNLESS_DEFAULT and node.get(leaf, HASHED_UNLESS_DEFAULT[key]) != HASHED_UNLESS_DEFAULT[key]:
+            continue
         node.pop(leaf, None)
     return data
 

@@ -131,3 +131,24 @@ def test_row_scale_is_a_per_row_learning_rate_and_zero_freezes() -> None:
     assert torch.equal(table[0], start[0]) and not opt.state_for(table)["exp_avg"][0].any()
     for i in (1, 2):
         torch.testing.assert_close(table.detach()[i], refs[i].detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_grow_onto_new_data_starts_a_new_phase(trained: Path, tmp_path: Path) -> None:
+    """data.path set to other data: the grown checkpoint is step 0 on that data (its fingerprint,
+    a fresh schedule), and training it runs from step 0 with the moments kept."""
+    from peer_dist.checkpoint.store import resolve_checkpoint
+    from peer_dist.data import Manifest, prepare
+
+    other = tmp_path / "other"
+    prepare([], other, tokenizer="byte", seq_len=32, samples_per_shard=64, val_fraction=0.1, seed=1,
+            max_bytes=100_000)
+    grown = tmp_path / "phase"
+    run_cli(["grow", str(trained / "run"), "--num-experts", str(NEW * NEW), "-o", str(grown), f"data.path={other}",
+             "train.max_steps=2"])
+    state = resolve_checkpoint(grown).trainer_state()
+    assert resolve_checkpoint(grown).step == 0 and state["step"] == 0 and state["consumed_samples"] == 0
+    assert state["data_fingerprint"] == Manifest.load(other).fingerprint
+    _, tables = _state(grown)
+    assert tables["u"]["row_step"].max() > 0  # old rows' optimizer state carried into the new phase
+    proc = run_cli(["train", "-c", str(grown / "config.toml")])
+    assert "resumed from" in proc.stderr and resolve_checkpoint(grown).step == 2

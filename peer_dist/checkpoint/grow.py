@@ -19,7 +19,9 @@ step count. What is new starts fresh (moments 0, row steps 0):
 ``peer-dist grow`` measures the change: validation loss of the checkpoint and of the
 grown model on the same batches. Dense weights, buffers (the query BatchNorm
 statistics), the step and the data position carry over unchanged, so training the
-new run continues the old run's data order and learning-rate schedule.
+new run continues the old run's data order and learning-rate schedule; unless the new
+run's ``data.path`` differs (a new phase on new data): then its checkpoint is step 0 on
+that data, with a fresh schedule, and every Adam moment and row step count kept.
 """
 
 from __future__ import annotations
@@ -177,11 +179,18 @@ def grow_checkpoint(source: str | Path, num_experts: int, output: str | Path, ov
             values["rows"] = torch.arange(new * new)
         files[f"state/{EXPERTS_DIR}/{table}.ep000.pt"] = grown
     files[f"state/{DENSE_FILE}"] = dense
-    state = ckpt.trainer_state()
+    state, step = ckpt.trainer_state(), ckpt.step
     state.update(config_hash=config_hash(cfg), expert_layout=cfg.parallel.expert_layout,
                  layout=dict(state.get("layout", {}), ep=1), grown_from=str(ckpt.path))
+    old_data = tomllib.loads((ckpt.path / "config.toml").read_text()).get("data", {}).get("path")
+    if cfg.data.path != old_data:  # a new phase on other data: its own step 0, data order and schedule
+        from peer_dist.data import Manifest
+
+        state.update(step=0, consumed_samples=0, consumed_tokens=0,
+                     data_fingerprint=Manifest.load(cfg.data.path).fingerprint, data_skips={})
+        step = 0
     texts = {"trainer_state.json": json.dumps(state, indent=2, sort_keys=True), "config.toml": dump_toml(cfg)}
-    path = commit_offline(output / "checkpoints", ckpt.step, files, texts)
+    path = commit_offline(output / "checkpoints", step, files, texts)
     (output / "config.toml").write_text(dump_toml(cfg))
     layers = [t.removesuffix(".experts") for t in sorted(tables)]
     return GrowResult(path, old, new, layers)
