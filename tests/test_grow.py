@@ -143,8 +143,10 @@ def test_grow_onto_new_data_starts_a_new_phase(trained: Path, tmp_path: Path) ->
     prepare([], other, tokenizer="byte", seq_len=32, samples_per_shard=64, val_fraction=0.1, seed=1,
             max_bytes=100_000)
     grown = tmp_path / "phase"
-    run_cli(["grow", str(trained / "run"), "--num-experts", str(NEW * NEW), "-o", str(grown), f"data.path={other}",
-             "train.max_steps=2"])
+    proc = run_cli(["grow", str(trained / "run"), "--num-experts", str(NEW * NEW), "-o", str(grown),
+                    f"data.path={other}", "train.max_steps=2"])
+    before, after = map(float, re.search(r"before (\S+)  after (\S+)", proc.stdout).groups())
+    assert abs(after - before) < 0.01 * before  # both measured on the source run's data
     state = resolve_checkpoint(grown).trainer_state()
     assert resolve_checkpoint(grown).step == 0 and state["step"] == 0 and state["consumed_samples"] == 0
     assert state["data_fingerprint"] == Manifest.load(other).fingerprint

@@ -225,9 +225,11 @@ def run_grow(source: str, num_experts: int, output: str, overrides: list[str], k
     setup_logging(env.rank)
     result = grow_checkpoint(source, num_experts, output, overrides, key_scale=key_scale, seed=seed)
     init_distributed(env, "gloo", device=torch.device("cpu"))
-    try:
-        before = val_loss(resolve_checkpoint(source), batches)
-        after = val_loss(resolve_checkpoint(result.checkpoint), batches)
+    try:  # both on the source run's data (the new run may name other data: a new phase)
+        source_ckpt = resolve_checkpoint(source)
+        data = from_dict(tomllib.loads((source_ckpt.path / "config.toml").read_text())).data.path
+        before = val_loss(source_ckpt, batches, data)
+        after = val_loss(resolve_checkpoint(result.checkpoint), batches, data)
     finally:
         finish_distributed()
     return result, before, after
