@@ -27,7 +27,8 @@ def params(out: Path, run: str) -> tuple[int, int]:
     total = sum(v.numel() for k, v in weights.items() if v.is_floating_point() and "running" not in k)
     kind = train.get("trainable", "all")
     if kind == "added":
-        trainable = sum(v.numel() for k, v in weights.items() if ".added_peer." in k and "running" not in k)
+        trainable = sum(v.numel() for k, v in weights.items()
+                        if ".added_peer." in k and v.is_floating_point() and "running" not in k)
     elif kind == "experts":
         t = train.get("sparse_experts", 0)
         width = next(v.shape[1] for k, v in weights.items() if k.endswith("experts.u"))
