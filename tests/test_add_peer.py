@@ -79,6 +79,9 @@ def test_only_added_layers_train_under_zero1_and_ep2(runs: Path, tiny_data: Path
     new = [n for n in end if n not in source]
     assert new and all(n.startswith("blocks.0.added_peer.") for n in new)
     assert end["blocks.0.added_peer.experts.v"].abs().sum() > 0  # the added layer trained from v = 0
+    assert "validation loss" in run_cli(["eval", str(runs / "added"), "--batches", "1"]).stdout  # rebuilt with it
+    proc = run_cli(["export", str(runs / "added"), "--format", "hf", "-o", str(runs / "hf")], check=False)
+    assert proc.returncode == EXIT_USER_ERROR and "model.add_peer" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_add_peer_config_errors(runs: Path, tiny_data: Path) -> None:
