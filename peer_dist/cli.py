@@ -1,5 +1,5 @@
-"""`peer-dist` command line: prepare | prepare-merge | tokenizer | verify | train | eval | export | generate | bench |
-torchrun | sweep."""
+"""`peer-dist` command line: prepare | prepare-merge | tokenizer | verify | train | eval | export | grow | usage | generate |
+bench | torchrun | sweep."""
 
 from __future__ import annotations
 
@@ -81,6 +81,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(args: argparse.Namespace) -> int:
+    from peer_dist.train.evaluation import run_usage
+
+    run_usage(args.checkpoint, args.output, data_path=args.data, batch_size=args.batch_size,
+              max_batches=args.batches, device=args.device)
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     if args.format == "hf":
         from peer_dist.inference.hf_export import export_hf
@@ -92,6 +100,19 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite, data=args.data)
     print(f"exported {args.checkpoint} -> {out} (model.safetensors, config.toml, export.json, tokenizer)")
+    return 0
+
+
+def _grow(args: argparse.Namespace) -> int:
+    from peer_dist.checkpoint.grow import run_grow
+
+    result, before, after = run_grow(args.checkpoint, args.num_experts, args.output, list(args.overrides),
+                                     key_scale=args.key_scale, seed=args.seed, batches=args.batches)
+    print(f"grew {', '.join(result.layers)}: {result.old_sub_keys}^2 -> {result.new_sub_keys}^2 experts; "
+          f"first checkpoint of the new run: {result.checkpoint}")
+    print(f"validation loss before {before:.4f}  after {after:.4f}  change {after - before:+.4f} "
+          f"({args.batches} batches)")
+    print(f"continue it with: peer-dist train -c {args.output}/config.toml train.max_steps=...")
     return 0
 
 
@@ -180,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "blocks, 8 GPUs, bf16), paper_dense.toml, peer_1m_ep2.toml (1024^2 experts sharded over 2 "
                        "ranks).")
     p.add_argument("--config", "-c", default=None, help="TOML or YAML config file (default: the small model above)")
-    p.add_argument("--init-from", default=None, metavar="EXPORT",
-                   help="start from an export's weights (fine-tuning; same as train.init_from=EXPORT)")
+    p.add_argument("--init-from", default=None, metavar="RUN_OR_EXPORT",
+                   help="start from an export's or a run's weights (fine-tuning; same as train.init_from=...; "
+                   "with model.add_peer=residual|replace, PEER layers are added)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.d_model=128 train.max_steps=50")
     p.set_defaults(func=_train)
 
@@ -193,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_eval)
 
+    p = sub.add_parser("usage", help="expert usage statistics of a PEER model on validation batches (background or "
+                       "target of sparse expert finetuning, train.sparse_experts)")
+    p.add_argument("checkpoint", help="run folder, its checkpoints/ folder, a step_NNNNNN folder or an export")
+    p.add_argument("--output", "-o", required=True, help="file to write (torch.save; must not exist)")
+    p.add_argument("--data", default=None, help="prepared data folder (default: the one the run trained on)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batches", type=int, default=50, help="validation batches (each one document of the ranking)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(func=_usage)
+
     p = sub.add_parser("export", help="a self-contained model: unsharded weights (safetensors), config, tokenizer")
     p.add_argument("checkpoint", help="run folder, its checkpoints/ folder, one step_NNNNNN folder (or, for "
                    "--format hf, an export)")
@@ -203,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "the run trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --output")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("grow", help="a checkpoint -> the first checkpoint of a new run with a larger PEER pool "
+                       "(old experts keep their rows and optimizer state)")
+    p.add_argument("checkpoint", help="run folder, its checkpoints/ folder or a step_NNNNNN folder")
+    p.add_argument("--num-experts", type=int, required=True, help="experts per PEER layer after growth: m^2 > n^2")
+    p.add_argument("--output", "-o", required=True, help="the new run folder (must not exist)")
+    p.add_argument("--key-scale", type=float, default=0.5, help="scale of the new sub-keys relative to a fresh "
+                   "layer's: smaller changes the function less at growth and retrieves new experts less at first")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new sub-keys and u rows")
+    p.add_argument("--batches", type=int, default=20, help="validation batches for the loss before and after")
+    p.add_argument("overrides", nargs="*", help="settings of the new run, e.g. train.old_expert_lr_scale=0 "
+                   "train.trainable=peer train.max_steps=600")
+    p.set_defaults(func=_grow)
 
     from peer_dist.inference import command as generate_command
 

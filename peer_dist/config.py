@@ -49,6 +49,9 @@ class PEERConfig:
     # Expert-compute kernel: "auto" = the fused Triton kernels on CUDA (when triton is installed),
     # the torch path elsewhere; "triton", "fused" or "chunked" force one (see peer_dist/model/peer.py).
     kernel: str = _choice("auto", ("auto", "fused", "chunked", "triton"))
+    # Sub-keys per half before the last `peer-dist grow` (which sets it; 0: never grown): the
+    # experts a * n + b with a, b below it are the old ones (train.old_expert_lr_scale).
+    grown_from: int = _at_least(0, 0)
 
 
 @dataclass
@@ -86,6 +89,10 @@ class ModelConfig:
     ffn: str = _choice("peer", ("peer", "dense", "moe", "pkm"))
     # Which blocks use `ffn` (the rest are dense): "middle" (the paper), "all", "none" or a list of block indices.
     ffn_blocks: str | list[int] = "middle"
+    # PEER layers added to a trained model (train.init_from): "residual" = beside the block's FFN, its
+    # output starting at exactly 0; "replace" = instead of the (dense) FFN; in the blocks add_peer_blocks.
+    add_peer: str = _choice("none", ("none", "residual", "replace"))
+    add_peer_blocks: str | list[int] = "middle"  # as ffn_blocks
     tie_embeddings: bool = True
     rope_theta: float = _at_least(10000.0, 1.0)
     init_std: float = _at_least(0.02, 0.0)
@@ -125,6 +132,20 @@ class TrainConfig:
     expert_update: str = _choice("sparse", ("sparse", "dense"))
     # Peak learning rate of the expert tables (PEER u/v, PKM values) relative to train.lr.
     table_lr_scale: float = _at_least(1.0, 0.0)
+    # After `peer-dist grow`: learning rate of the old experts' u/v rows relative to the tables'
+    # (0 freezes them: their rows and moments stay bit-identical). Needs expert_update = "sparse".
+    old_expert_lr_scale: float = _at_least(1.0, 0.0)
+    # Which parameters train: "all", or "peer" (only the PEER layers; every other weight frozen).
+    # "added": only the layers of model.add_peer (everything loaded by train.init_from frozen).
+    # "experts": only the PEER expert tables (u, v).
+    trainable: str = _choice("all", ("all", "peer", "added", "experts"))
+    # Sparse expert finetuning (peer_dist/train/sparse_experts.py): update only the top-t experts per
+    # PEER layer by TF-IDF of their usage against background statistics (`peer-dist usage`); 0: off.
+    sparse_experts: int = _at_least(0, 0)
+    sparse_experts_background: str = ""  # usage file of the background (pretraining) data
+    # "step": rank each step's own batch; "phase": one selection from sparse_experts_target.
+    sparse_experts_select: str = _choice("step", ("step", "phase"))
+    sparse_experts_target: str = ""  # usage file of the new data ("phase")
     zero_stage: int = _choice(0, (0, 1, 2))
     precision: str = _choice("fp32", ("fp32", "bf16"))
     seed: int = 0
@@ -207,16 +228,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     file: a fine-tuning run needs no model settings, and one that sets a model key to
     another value than the export's is refused at set-up (:func:`model_differences`).
     """
-    raw: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
-    for item in overrides:
-        key, value = _split_override(item)
-        _set_dotted(raw, key, value)
+    raw = raw_with_overrides(_read_file(Path(path)) if path is not None else {}, overrides)
     init_from = raw.get("train", {}).get("init_from") if isinstance(raw.get("train"), dict) else None
     if init_from:
         raw["model"] = _merged(export_model_section(str(init_from)), raw.get("model", {}))
     cfg = from_dict(raw)
     validate(cfg)
     return cfg
+
+
+def raw_with_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``raw`` (nested sections, not yet checked) with ``section.key=value`` overrides applied."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, value = _split_override(item)
+        _set_dotted(raw, key, value)
+    return raw
 
 
 def export_model_section(folder: str) -> dict[str, Any]:
@@ -248,11 +275,21 @@ INIT_SAFE_MODEL_KEYS = ("peer.kernel", "init_std")
 
 
 def model_differences(export_model: dict[str, Any], model: ModelConfig) -> list[str]:
-    """``"model.key: export -> this run"`` for every model key outside INIT_SAFE_MODEL_KEYS that differs."""
-    saved = _flat(dataclasses.asdict(from_dict(export_model, ModelConfig, "model.")))
+    """``"model.key: export -> this run"`` for every model key outside INIT_SAFE_MODEL_KEYS that differs.
+
+    Adding PEER layers (model.add_peer) may set the add_peer keys, and the model.peer keys
+    when the export itself has no PEER layer (they then describe only the added ones).
+    """
+    exported = from_dict(export_model, ModelConfig, "model.")
+    saved = _flat(dataclasses.asdict(exported))
     now = _flat(dataclasses.asdict(model))
+    safe = list(INIT_SAFE_MODEL_KEYS)
+    if model.add_peer != "none" and exported.add_peer == "none":
+        safe += ["add_peer", "add_peer_blocks"]
+        if exported.ffn != "peer" or not resolve_ffn_blocks(exported.ffn_blocks, exported.n_layers):
+            safe += [key for key in saved if key.startswith("peer.")]
     return [f"model.{key}: {saved[key]!r} -> {now[key]!r}" for key in sorted(saved)
-            if key not in INIT_SAFE_MODEL_KEYS and saved[key] != now[key]]
+            if key not in safe and saved[key] != now[key]]
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -392,8 +429,40 @@ def validate(cfg: Config) -> None:
             parse_signal(name)
         except ConfigError as exc:
             raise ConfigError(f"train.stop_signals: {exc}") from None
+    _validate_growth(cfg)
     if not cfg.run.name or "/" in cfg.run.name:
         raise ConfigError(f"run.name={cfg.run.name!r} must be a non-empty folder name without '/'")
+
+
+def _validate_growth(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
+    added = resolve_ffn_blocks(m.add_peer_blocks, m.n_layers) if m.add_peer != "none" else []
+    special = set(resolve_ffn_blocks(m.ffn_blocks, m.n_layers)) if m.ffn != "dense" else set()
+    if m.add_peer == "replace" and special & set(added):
+        raise ConfigError(f"model.add_peer = \"replace\" replaces dense FFNs; blocks {sorted(special & set(added))} "
+                          f"already use model.ffn = {m.ffn!r} (use \"residual\" there, or other add_peer_blocks)")
+    if added and cfg.parallel.ep > 1 and m.peer.num_experts % cfg.parallel.ep:
+        raise ConfigError(f"model.peer.num_experts={m.peer.num_experts} must be divisible by parallel.ep="
+                          f"{cfg.parallel.ep}")
+    if t.sparse_experts and not (t.sparse_experts_background and t.expert_update == "sparse"):
+        raise ConfigError("train.sparse_experts needs train.sparse_experts_background (a file of `peer-dist usage`) "
+                          "and train.expert_update = \"sparse\"")
+    if t.sparse_experts and t.sparse_experts_select == "phase" and not t.sparse_experts_target:
+        raise ConfigError("train.sparse_experts_select = \"phase\" needs train.sparse_experts_target (a file of "
+                          "`peer-dist usage` on the new data)")
+    if t.trainable == "experts" and (t.zero_stage or t.precision != "fp32"):
+        raise ConfigError("train.trainable = \"experts\" trains no dense weight, so there is no dense optimizer "
+                          "state to partition: use train.zero_stage = 0 and train.precision = \"fp32\"")
+    if t.trainable == "added" and not added:
+        raise ConfigError("train.trainable = \"added\" needs model.add_peer = \"residual\" or \"replace\"")
+    if m.peer.grown_from and m.peer.grown_from ** 2 >= m.peer.num_experts:
+        raise ConfigError(f"model.peer.grown_from={m.peer.grown_from} must be below sqrt(model.peer.num_experts) "
+                          f"= {m.peer.num_experts ** 0.5:g} (it is written by `peer-dist grow`)")
+    if t.old_expert_lr_scale != 1.0 and not (m.ffn == "peer" and m.peer.grown_from):
+        raise ConfigError("train.old_expert_lr_scale needs a grown PEER model (model.peer.grown_from > 0): "
+                          "make one with `peer-dist grow RUN --num-experts M -o NEW_RUN`")
+    if t.old_expert_lr_scale != 1.0 and t.expert_update != "sparse":
+        raise ConfigError("train.old_expert_lr_scale needs train.expert_update = \"sparse\" (row updates)")
 
 
 def _validate_parallel(cfg: Config) -> None:
@@ -463,6 +532,15 @@ RESUME_SAFE_KEYS = (
 )
 
 
+# Keys added after runs were checkpointed whose default leaves a run as it was: at their default
+# they are left out of the hash, so a checkpoint written before they existed still resumes.
+HASHED_UNLESS_DEFAULT = {
+    "model.peer.grown_from": 0, "model.add_peer": "none", "model.add_peer_blocks": "middle",
+    "train.old_expert_lr_scale": 1.0, "train.trainable": "all", "train.sparse_experts": 0,
+    "train.sparse_experts_background": "", "train.sparse_experts_select": "step", "train.sparse_experts_target": "",
+}
+
+
 def config_hash(cfg: Config) -> str:
     """sha256 (16 hex digits) of the config minus :data:`RESUME_SAFE_KEYS`; a resume
     whose hash differs from the checkpoint's would mix incompatible runs."""
@@ -472,11 +550,13 @@ def config_hash(cfg: Config) -> str:
 def _hashed_keys(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` (a config as nested dicts) without the :data:`RESUME_SAFE_KEYS`."""
     data = copy.deepcopy(data)
-    for key in RESUME_SAFE_KEYS:
+    for key in (*RESUME_SAFE_KEYS, *HASHED_UNLESS_DEFAULT):
         *parents, leaf = key.split(".")
         node = data
         for part in parents:
             node = node.get(part, {})
+        if key in HASHED_UNLESS_DEFAULT and node.get(leaf, HASHED_UNLESS_DEFAULT[key]) != HASHED_UNLESS_DEFAULT[key]:
+            continue
         node.pop(leaf, None)
     return data
 

@@ -87,6 +87,19 @@ def test_hash_ignores_resume_safe_keys_only() -> None:
     assert config_hash(load_config(None, ["model.peer.topk=4"])) != base
 
 
+def test_keys_added_later_leave_old_hashes_alone_at_their_default() -> None:
+    """The default config's hash as written by checkpoints before the lifelong-learning keys existed
+    (a run saved then must still resume); setting one of those keys changes the hash."""
+    from peer_dist.config import HASHED_UNLESS_DEFAULT
+
+    assert config_hash(load_config(None, [])) == "a0bbe31e9c74ead7"
+    base = config_hash(load_config(None, []))
+    for key in HASHED_UNLESS_DEFAULT:
+        assert config_hash(load_config(None, [f"{key}={HASHED_UNLESS_DEFAULT[key]}"])) == base, key
+    for override in ("train.trainable=peer", "model.add_peer=residual", "train.sparse_experts_select=phase"):
+        assert config_hash(load_config(None, [override])) != base, override
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(CONFIGS / name)

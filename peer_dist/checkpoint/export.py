@@ -21,7 +21,7 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -165,32 +165,38 @@ def require_export(path: str | Path, flag: str) -> Export:
 # ---------------------------------------------------------------------------- fine-tuning from an export
 
 
-def load_export_into(model: torch.nn.Module, export: Export) -> None:
+def load_export_into(model: torch.nn.Module, export: Export, added: set[str] = frozenset()) -> None:
     """Copy the export's weights and buffers into ``model``, which may hold only expert shards.
 
     ``model`` is the unwrapped LM as the trainer builds it (parameter names of the unsharded
     model): every expert-table parameter takes the rows of its shard by global expert id,
     every other tensor is copied whole (AutoTP and ZeRO partition them afterwards).
+    ``added``: state-dict names of layers this model adds (model.add_peer); the export does
+    not have them and they keep their initialisation.
     """
     from safetensors import safe_open
 
-    row_ids = _expert_row_ids(model)
     with safe_open(str(export.path / WEIGHTS), framework="pt") as fh:
-        saved = set(fh.keys())
-        own = model.state_dict()
-        missing = sorted(set(own) - saved)
-        if missing:
-            raise CheckpointError(f"export {export.path} has no tensor {missing[0]} ({len(missing)} missing): "
-                                  "another model")
-        with torch.no_grad():
-            for name, target in own.items():
-                value = fh.get_tensor(name)  # one tensor in memory at a time
-                if name in row_ids:
-                    value = value[row_ids[name]]
-                if value.shape != target.shape:
-                    raise CheckpointError(f"export {export.path}: {name} has shape {tuple(value.shape)}, this "
-                                          f"model {tuple(target.shape)}")
-                target.copy_(value.to(target.dtype))
+        load_weights_into(model, set(fh.keys()), fh.get_tensor, export.path, added)
+
+
+def load_weights_into(model: torch.nn.Module, saved: set[str], get: Callable[[str], torch.Tensor], source: Path,
+                      added: set[str] = frozenset()) -> None:
+    """Copy tensors ``get(name)`` (the unsharded model's, names ``saved``) into ``model``; see load_export_into."""
+    row_ids = _expert_row_ids(model)
+    own = {name: t for name, t in model.state_dict().items() if name not in added}
+    missing = sorted(set(own) - saved)
+    if missing:
+        raise CheckpointError(f"{source} has no tensor {missing[0]} ({len(missing)} missing): another model")
+    with torch.no_grad():
+        for name, target in own.items():
+            value = get(name)  # one tensor in memory at a time
+            if name in row_ids:
+                value = value[row_ids[name]]
+            if value.shape != target.shape:
+                raise CheckpointError(f"{source}: {name} has shape {tuple(value.shape)}, this "
+                                      f"model {tuple(target.shape)}")
+            target.copy_(value.to(target.dtype))
 
 
 def _expert_row_ids(model: torch.nn.Module) -> dict[str, torch.Tensor]:

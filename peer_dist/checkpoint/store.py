@@ -133,6 +133,20 @@ def save_checkpoint(ckpt_root: Path, step: int, engine: Any, trainer_state: dict
     return final
 
 
+def commit_offline(ckpt_root: Path, step: int, files: dict[str, Any], texts: dict[str, str]) -> Path:
+    """One process, no process group: write ``files`` (torch.save) and ``texts`` as committed checkpoint ``step``.
+
+    For tools that make a checkpoint out of another (``peer-dist grow``): the same
+    folder layout, manifest and commit protocol as a training save.
+    """
+    final, tmp = ckpt_root / step_dir_name(step), ckpt_root / f".tmp-{step_dir_name(step)}"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    _write_rank_files(tmp, files, texts, lambda _phase: None)
+    _commit(tmp, final, ckpt_root, lambda _phase: None, lambda: None)
+    return final
+
+
 @dataclass
 class SaveOutcome:
     """How an asynchronous save ended, the same on every rank: ``errors`` maps rank -> what went wrong."""

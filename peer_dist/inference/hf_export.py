@@ -72,6 +72,9 @@ def write_hf(export: Export, output: Path) -> Path:
 def hf_config(export: Export, eot_id: int) -> dict[str, Any]:
     """config.json: the model section of the export's config in PeerDistConfig's names."""
     m = from_dict(export.config_dict()).model
+    if m.add_peer != "none":  # the written modeling file knows one FFN per block
+        raise CheckpointError(f"export {export.path} has PEER layers added by model.add_peer = {m.add_peer!r}: the "
+                              "Hugging Face format does not cover them yet (use the peer-dist export)")
     special = set(resolve_ffn_blocks(m.ffn_blocks, m.n_layers))
     return {
         "architectures": ["PeerDistForCausalLM"], "model_type": "peer_dist",

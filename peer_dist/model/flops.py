@@ -155,6 +155,11 @@ def _blocks_per_kind(cfg: ModelConfig) -> dict[str, int]:
     special = len(resolve_ffn_blocks(cfg.ffn_blocks, cfg.n_layers))
     counts = {"dense": cfg.n_layers - special}
     counts[cfg.ffn] = counts.get(cfg.ffn, 0) + special  # ffn="dense": all blocks are dense
+    if cfg.add_peer != "none":  # PEER layers added beside (residual) or instead of (replace) dense FFNs
+        added = len(resolve_ffn_blocks(cfg.add_peer_blocks, cfg.n_layers))
+        counts["peer"] = counts.get("peer", 0) + added
+        if cfg.add_peer == "replace":
+            counts["dense"] -= added
     return {kind: n for kind, n in counts.items() if n > 0}
 
 

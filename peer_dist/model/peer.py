@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from peer_dist.errors import ConfigError
 from peer_dist.model.expert_ops import (DEFAULT_CHUNK_SIZE, EXPERT_MIX_KERNELS, fused_kernel_available,
-                                        triton_kernel_problem)
+                                        row_grad_of, triton_kernel_problem)
 from peer_dist.model.expert_tables import ExpertSharding, ExpertTables
 from peer_dist.model.retrieval import (QUERY_NORMS, ProductKeyLayer, QueryBatchNorm, require_int,
                                        usage_metrics, validate_retrieval)
@@ -120,6 +120,10 @@ class PEER(ProductKeyLayer):
     def forward(self, x: Tensor) -> Tensor:
         """x (..., D) -> y (..., D): retrieve, gate, expert compute (Algorithm 1)."""
         x_TD = self._flatten(x)
+        if torch.is_grad_enabled() and not x_TD.requires_grad and row_grad_of(self.expert_u) is not None:
+            # Nothing before this layer trains (train.trainable = "experts"): the expert ops' backward,
+            # which writes the tables' row-sparse gradients, runs only for an input inside the graph.
+            x_TD = x_TD.detach().requires_grad_()
         scores_THK, ids_THK = self._retrieve_flat(x_TD)
         gates_THK = scores_THK.softmax(dim=-1)
         if self._track_usage:

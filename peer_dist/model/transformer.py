@@ -164,18 +164,33 @@ class ExpertPlacement:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, ffn_kind: str, placement: ExpertPlacement) -> None:
+    """Pre-norm attention and FFN. ``add_peer`` (model.add_peer, for this block):
+    "residual" adds ``self.added_peer`` beside the FFN, x + ffn(n(x)) + peer(n(x)) on the
+    same normed input; "replace" makes the FFN a PEER layer. Either added layer starts with
+    its v table at 0, so its output is exactly 0 until it trains (the residual model then
+    computes exactly what the model without it did)."""
+
+    def __init__(self, cfg: ModelConfig, ffn_kind: str, placement: ExpertPlacement, add_peer: str = "none") -> None:
         super().__init__()
-        self.ffn_kind = ffn_kind
+        self.ffn_kind = "peer" if add_peer == "replace" else ffn_kind
         self.attn_norm = RMSNorm(cfg.d_model)
         self.attn = Attention(cfg.d_model, cfg.n_heads)
         self.ffn_norm = RMSNorm(cfg.d_model)
-        self.ffn = build_ffn(cfg, ffn_kind, placement)
+        self.ffn = build_ffn(cfg, self.ffn_kind, placement)
+        self.added_peer = build_ffn(cfg, "peer", placement) if add_peer == "residual" else None
+        added = self.ffn if add_peer == "replace" else self.added_peer
+        if added is not None:
+            added.added = True  # train.trainable = "added" trains only these
+            with torch.no_grad():
+                added.expert_tables.v.zero_()
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
                 layer: int = 0) -> Tensor:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, layer)
-        return x_BTD + self.ffn(self.ffn_norm(x_BTD))
+        h_BTD = self.ffn_norm(x_BTD)
+        if self.added_peer is None:
+            return x_BTD + self.ffn(h_BTD)
+        return x_BTD + self.ffn(h_BTD) + self.added_peer(h_BTD)
 
 
 def build_ffn(cfg: ModelConfig, kind: str, placement: ExpertPlacement) -> nn.Module:
@@ -210,9 +225,11 @@ class TransformerLM(nn.Module):
         self.cfg = cfg
         self.vocab_size = vocab_size
         special = set(resolve_ffn_blocks(cfg.ffn_blocks, cfg.n_layers))
+        added = set(resolve_ffn_blocks(cfg.add_peer_blocks, cfg.n_layers)) if cfg.add_peer != "none" else set()
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(
-            Block(cfg, cfg.ffn if i in special else "dense", placement) for i in range(cfg.n_layers)
+            Block(cfg, cfg.ffn if i in special else "dense", placement, cfg.add_peer if i in added else "none")
+            for i in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.d_model)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab_size, bias=False)

@@ -135,7 +135,9 @@ def param_groups(model: nn.Module, weight_decay: float, table_lr: float | None =
               {"params": table, "weight_decay": 0.0, "name": "tables"}]
     if table_lr is not None:
         groups[2]["lr"] = table_lr
-    return [g for g in groups if g["params"]]
+    # Nothing dense trains (train.trainable = "experts", row-sparse tables): one empty group keeps the
+    # optimizer (and DeepSpeed's schedule) valid; it updates nothing.
+    return [g for g in groups if g["params"]] or groups[:1]
 
 
 def table_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -146,6 +148,39 @@ def table_parameters(model: nn.Module) -> list[nn.Parameter]:
             out += [m.expert_u, m.expert_v]
         elif isinstance(m, PKM):
             out.append(m.value_table.weight)
+    return out
+
+
+def freeze_outside(model: nn.Module, trainable: str) -> None:
+    """train.trainable = "peer" | "added" | "experts": every parameter outside the PEER layers (the
+    layers model.add_peer added, the expert tables) stops training (``requires_grad=False``: no gradient, in no
+    optimizer group, bit-identical after training)."""
+    if trainable == "all":
+        return
+    if trainable == "experts":
+        inside = {id(p) for p in table_parameters(model)}
+    else:
+        kept = (lambda m: isinstance(m, PEER)) if trainable == "peer" else (lambda m: getattr(m, "added", False))
+        inside = {id(p) for m in model.modules() if kept(m) for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in inside:
+            p.requires_grad_(False)
+
+
+def old_expert_row_scales(model: nn.Module, grown_from: int, scale: float) -> dict[int, torch.Tensor]:
+    """id(table) -> (L,) learning-rate factor per local row: ``scale`` for the experts from
+    before growth (model.peer.grown_from), 1 for the new ones; empty when nothing differs."""
+    from peer_dist.checkpoint.grow import old_expert_mask
+
+    if not grown_from or scale == 1.0:
+        return {}
+    out = {}
+    for m in model.modules():
+        if isinstance(m, PEER):
+            tables = m.expert_tables
+            old = old_expert_mask(tables.sharding.global_ids(), grown_from, m.num_sub_keys)
+            factor = torch.where(old, scale, 1.0).to(tables.u.device)
+            out[id(tables.u)] = out[id(tables.v)] = factor
     return out
 
 
@@ -180,9 +215,13 @@ def build_engine(model: nn.Module, cfg: Config, layout: ParallelLayout) -> Any:
     import deepspeed
 
     t = cfg.train
+    freeze_outside(model, t.trainable)
     tables = None
-    if t.expert_update == "sparse" and table_parameters(model):
-        tables = SparseTableAdamW([TableSpec(p) for p in table_parameters(model)], lr=t.lr * t.table_lr_scale,
+    trained_tables = [p for p in table_parameters(model) if p.requires_grad]  # frozen by train.trainable: none
+    if t.expert_update == "sparse" and trained_tables:
+        scales = old_expert_row_scales(model, cfg.model.peer.grown_from, t.old_expert_lr_scale)
+        specs = [TableSpec(p, row_scale=scales.get(id(p))) for p in trained_tables]
+        tables = SparseTableAdamW(specs, lr=t.lr * t.table_lr_scale,
                                   betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=0.0,
                                   grad_divisor=layout.dp, lr_factor=lr_lambda(t))
     groups = param_groups(model, t.weight_decay, table_lr=t.lr * t.table_lr_scale)
@@ -192,7 +231,7 @@ def build_engine(model: nn.Module, cfg: Config, layout: ParallelLayout) -> Any:
         groups = split_moe_param_groups(groups)
         # A group whose params all moved into MoE groups stays behind empty; DeepSpeed drops
         # empty groups later, which would leave the lr scheduler with one lr too many.
-        groups = [g for g in groups if g["params"]]
+        groups = [g for g in groups if g["params"]] or groups[:1]  # see param_groups: nothing dense trains
     optimizer = GuardedAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
     mpu = None
@@ -211,11 +250,22 @@ def build_engine(model: nn.Module, cfg: Config, layout: ParallelLayout) -> Any:
         config=deepspeed_config(t, layout.dp, layout.tp),
     )
     engine.table_optimizer = tables
+    _fit_scheduler_to_groups(engine)
     if tables is not None:
         _set_table_groups(tables, layout)
         if not clips_manually(t):
             include_table_norm(engine.optimizer, tables)
     return engine
+
+
+def _fit_scheduler_to_groups(engine: Any) -> None:
+    """DeepSpeed drops an empty parameter group (param_groups keeps one when nothing dense trains):
+    the schedule then has one lr too many for the groups that are left."""
+    scheduler, groups = engine.lr_scheduler, engine.optimizer.param_groups
+    if len(scheduler.lr_lambdas) > len(groups):
+        scheduler.lr_lambdas = scheduler.lr_lambdas[:len(groups)]
+        scheduler.base_lrs = scheduler.base_lrs[:len(groups)]
+        scheduler._last_lr = scheduler._last_lr[:len(groups)]
 
 
 def table_optimizer(engine: Any) -> SparseTableAdamW | None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from peer_dist.checkpoint.export import Export, open_export
 from peer_dist.checkpoint.store import load_module_state, resolve_checkpoint
@@ -60,3 +63,37 @@ def run_eval(checkpoint: str | Path, data_path: str | None = None, batch_size: i
         print("metrics: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}))
     finish_distributed()
     return metrics
+
+
+def run_usage(checkpoint: str | Path, output: str | Path, data_path: str | None = None,
+              batch_size: int | None = None, max_batches: int = 50, device: str = "auto") -> dict[str, Any]:
+    """`peer-dist usage`: per PEER layer, expert retrievals and document frequencies over validation
+    batches (the background or target statistics of sparse expert finetuning, train.sparse_experts)."""
+    from peer_dist.inference.loading import load_model
+    from peer_dist.train.sparse_experts import collect_usage
+
+    output = Path(output)
+    if output.exists():
+        raise ConfigError(f"-o {output} exists; choose another file (nothing is overwritten)")
+    if max_batches < 1 or (batch_size is not None and batch_size < 1):
+        raise ConfigError("--batches and --batch-size must be >= 1")
+    env = detect_env()
+    setup_logging(env.rank)
+    torch_device = pick_device(device, env)
+    loaded = load_model(checkpoint, torch_device)
+    data_dir = data_path or loaded.config.data.path
+    init_distributed(env, pick_backend("auto", torch_device), device=torch_device)
+    batches = (b.to(torch_device) for b in val_batches(
+        data_dir, rank=env.rank, world=env.world, batch_size=batch_size or loaded.config.train.micro_batch_size,
+        max_batches=max_batches, read_retries=loaded.config.data.read_retries,
+        retry_wait_s=loaded.config.data.retry_wait_s))
+    usage = collect_usage(loaded.model, batches)
+    usage.update(source=str(loaded.source), data=str(data_dir))
+    if env.is_main:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(usage, output)
+        used = {name: int(s["counts"].gt(0).sum()) for name, s in usage["layers"].items()}
+        print(f"wrote {output}: {usage['batches']} batches, {usage['tokens']} tokens of {data_dir}; experts "
+              f"retrieved per layer: {used}")
+    finish_distributed()
+    return usage

@@ -63,6 +63,9 @@ class TableSpec:
     param: nn.Parameter
     replica_group: Any = None  # ranks holding the same rows: gradients summed here (None: alone)
     shard_group: Any = None  # ranks holding the other shards: squared norms summed here (None: unsharded)
+    # (L,) learning-rate factor per local row (None: 1 everywhere). A row with factor 0 is
+    # frozen: its gradient is dropped before the update, its value and moments never change.
+    row_scale: Tensor | None = None
 
 
 @dataclass
@@ -124,7 +127,7 @@ class SparseTableAdamW:
                 self.counts["dense_exchanges" if dense else "sparse_exchanges"] += 1
             if self.grad_divisor != 1:
                 rows_UD = rows_UD / self.grad_divisor
-            self._grads[i] = _Grad(ids_U, rows_UD)
+            self._grads[i] = _without_frozen_rows(_Grad(ids_U, rows_UD), spec.row_scale)
 
     def sq_norm(self) -> Tensor:
         """Collective: squared L2 norm (float64) of all reduced table gradients, over every shard."""
@@ -156,9 +159,12 @@ class SparseTableAdamW:
         """AdamW on the touched rows; gradients are multiplied by ``clip_scale`` first."""
         for grad, spec in zip(self._grads, self.tables):
             self.counts["rows_held"] += spec.param.shape[0]
-            if grad is not None:
-                self.counts["rows_updated"] += grad.ids_U.numel()
-            if grad is not None and grad.ids_U.numel():
+            if grad is None:
+                continue
+            ids_U = grad.ids_U
+            scale_U = None if spec.row_scale is None else spec.row_scale.index_select(0, ids_U)
+            self.counts["rows_updated"] += ids_U.numel()
+            if ids_U.numel():
                 rows_UD = grad.rows_UD.float()
                 if float(clip_scale) != 1.0:
                     rows_UD = rows_UD * clip_scale
@@ -166,16 +172,20 @@ class SparseTableAdamW:
                 # values and temporaries stay in cache between gather, update and scatter, so
                 # every table byte crosses the memory bus about once each way.
                 block = self._workspace(rows_UD.shape[1], rows_UD.device)[0].shape[0]
-                for start in range(0, grad.ids_U.numel(), block):
-                    self._update_rows(spec.param, grad.ids_U[start:start + block], rows_UD[start:start + block])
+                for start in range(0, ids_U.numel(), block):
+                    end = start + block
+                    self._update_rows(spec.param, ids_U[start:end], rows_UD[start:end],
+                                      None if scale_U is None else scale_U[start:end])
         self._grads = [None] * len(self.tables)
 
     def set_step(self, step: int) -> None:
         """Learning rate for the 0-based optimizer step ``step`` (the trainer's schedule)."""
         self.lr = self.base_lr * self.lr_factor(step)
 
-    def _update_rows(self, p: nn.Parameter, ids_U: Tensor, g_UD: Tensor) -> None:
+    def _update_rows(self, p: nn.Parameter, ids_U: Tensor, g_UD: Tensor, scale_U: Tensor | None = None) -> None:
         """AdamW on rows ``ids_U`` (one cache-sized block): gather, update in place, scatter back.
+
+        ``scale_U``: each row's learning-rate factor (TableSpec.row_scale), None for 1.
 
         Every (U, D) temporary lives in a workspace reused across blocks and steps: fresh
         large allocations cost a page fault per 4 KiB on first touch, more than the update.
@@ -195,6 +205,7 @@ class SparseTableAdamW:
         # p = p * (1 - lr * wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
         step_U1 = step_U.to(torch.float32).unsqueeze(1)
         bias1_U1 = 1 - torch.pow(beta1, step_U1)
+        lr_U1 = self.lr if scale_U is None else self.lr * scale_U.unsqueeze(1)
         bias2_sqrt_U1 = (1 - torch.pow(beta2, step_U1)).sqrt_()
         denom_UD = v_UD.sqrt_().div_(bias2_sqrt_U1).add_(self.eps)  # v is stored already: reuse its buffer
         if master.dtype == torch.float32:
@@ -202,8 +213,8 @@ class SparseTableAdamW:
         else:
             rows_UD.copy_(master.index_select(0, ids_U))
         if self.weight_decay:
-            rows_UD.mul_(1 - self.lr * self.weight_decay)
-        rows_UD.addcdiv_(m_UD.mul_(self.lr / bias1_U1), denom_UD, value=-1.0)  # m is stored already
+            rows_UD.mul_(1 - lr_U1 * self.weight_decay)
+        rows_UD.addcdiv_(m_UD.mul_(lr_U1 / bias1_U1), denom_UD, value=-1.0)  # m is stored already
         master.index_copy_(0, ids_U, rows_UD)
         if master is not p:
             p.index_copy_(0, ids_U, rows_UD.to(p.dtype))
@@ -232,6 +243,15 @@ class SparseTableAdamW:
 
     def _device(self) -> torch.device:
         return self.tables[0].param.device if self.tables else torch.device("cpu")
+
+
+def _without_frozen_rows(grad: _Grad, row_scale: Tensor | None) -> _Grad:
+    """``grad`` without the rows whose learning-rate factor is 0: they are not updated and
+    their gradient does not count in the norm that clipping uses."""
+    if row_scale is None:
+        return grad
+    keep = row_scale.index_select(0, grad.ids_U).ne(0).nonzero().squeeze(1)  # NOTE: host sync (nonzero)
+    return _Grad(grad.ids_U[keep], grad.rows_UD[keep])
 
 
 def _sum_over_replicas(ids_U: Tensor, rows_UD: Tensor, num_rows: int, group: Any) -> tuple[Tensor, Tensor, bool]:

@@ -14,6 +14,7 @@ import json
 import random
 import resource
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from peer_dist.checkpoint.export import load_export_into, require_export
+from peer_dist.checkpoint.export import load_export_into, load_weights_into, open_export, require_export
 from peer_dist.checkpoint.store import (
-    Checkpoint, SaveOutcome, await_async_save, choose_checkpoint, list_checkpoints, load_engine_state, poll_async_save,
-    save_checkpoint, wait_for_pending_save,
+    Checkpoint, SaveOutcome, await_async_save, choose_checkpoint, list_checkpoints, load_engine_state,
+    load_module_state, poll_async_save, resolve_checkpoint, save_checkpoint, wait_for_pending_save,
 )
 from peer_dist.config import Config, config_hash, dump_toml, hashed_differences, load_config, model_differences
 from peer_dist.data import Manifest, TrainStream, val_batches
@@ -45,6 +46,7 @@ from peer_dist.train.faults import FaultPlan
 from peer_dist.train.guard import DataSkips, GradientWatch, StepGuard
 from peer_dist.train.lease import RunLease, take_run_lease
 from peer_dist.train.signals import PreemptionHandler, requeue_slurm_job
+from peer_dist.train.sparse_experts import ExpertSelector
 from peer_dist.train.sparse_tables import clip_scale, table_metrics
 
 
@@ -77,6 +79,7 @@ class _Setup:
     gradients: GradientWatch | None = None  # NaN/Inf in this rank's gradients (the guard's second check)
     lease: RunLease | None = None  # rank 0: this job's lease on the run folder
     startup: dict[str, float] = field(default_factory=dict)  # startup/* metrics: set-up and resume cost
+    selector: ExpertSelector | None = None  # train.sparse_experts: which expert rows a step updates
 
 
 def run_training(cfg: Config) -> TrainResult:
@@ -138,31 +141,63 @@ def _set_up(cfg: Config) -> _Setup:
         sync_batch_statistics(model, data_parallel_group())
     get_logger().info("parallel layout: %s", layout.describe())
     flops = model_flops_per_token(cfg.model, vocab, manifest.seq_len)
+    selector = ExpertSelector(model, table_optimizer(engine), cfg.train) if cfg.train.sparse_experts else None
     return _Setup(env, layout, device, manifest, model, engine, flops_per_token=flops, started=started,
+                  selector=selector,
                   gradients=GradientWatch(engine.module.parameters()),
                   startup={"startup/set_up_s": time.perf_counter() - started, "startup/model_init_s": model_init_s})
 
 
 def _init_from_export(cfg: Config, model: torch.nn.Module, manifest: Manifest) -> None:
-    """Fine-tuning: this rank's share of the export's weights, before parallelism is applied.
+    """Fine-tuning: this rank's share of an export's (or a run's) weights, before parallelism is applied.
 
-    The export must be the same model (its config's model keys) trained with the same
-    tokenizer as the data of this run; the optimizer and schedule start fresh at step 0.
+    The source must be the same model (its config's model keys; model.add_peer may add PEER
+    layers, which keep their initialisation) trained with the same tokenizer as the data of
+    this run; the optimizer and schedule start fresh at step 0.
     """
-    export = require_export(cfg.train.init_from, "train.init_from")
-    differences = model_differences(export.config_dict().get("model", {}), cfg.model)
+    source = cfg.train.init_from
+    export = open_export(Path(source))
+    ckpt = None if export is not None or not Path(source).exists() else resolve_checkpoint(source)
+    if export is None and ckpt is None:
+        export = require_export(source, "train.init_from")  # raises, naming what is missing
+    config = export.config_dict() if export is not None else tomllib.loads((ckpt.path / "config.toml").read_text())
+    path = export.path if export is not None else ckpt.path
+    what = "export" if export is not None else "run"
+    differences = model_differences(config.get("model", {}), cfg.model)
     if differences:
-        raise ConfigError(f"train.init_from={export.path}: the model comes from the export, but this run sets "
+        raise ConfigError(f"train.init_from={path}: the model comes from the {what}, but this run sets "
                           f"{'; '.join(differences)}; drop those settings")
-    saved, data = export.info.get("tokenizer"), manifest.info["tokenizer"]
+    saved = export.info.get("tokenizer") if export is not None else _run_tokenizer(ckpt, config)
+    data = manifest.info["tokenizer"]
     same = saved is not None and all(saved.get(k) == data.get(k) for k in ("vocab_size", "eot_id", "sha256"))
     if not same or (saved["name"] == "byte") != (data["name"] == "byte"):
-        raise DataError(f"train.init_from={export.path} was trained with tokenizer {saved}, data {cfg.data.path} "
-                        f"is tokenized with {data}: prepare the data with the export's tokenizer "
-                        f"(peer-dist prepare --tokenizer-file {export.path}/tokenizer.json, or --tokenizer byte)")
-    load_export_into(model, export)
-    get_logger().info("initialised from export %s (step %d of %s)", export.path, export.step,
-                      export.info.get("source", "?"))
+        raise DataError(f"train.init_from={path} was trained with tokenizer {saved}, data {cfg.data.path} "
+                        f"is tokenized with {data}: prepare the data with the {what}'s tokenizer "
+                        f"(peer-dist prepare --tokenizer-file {path}/tokenizer.json, or --tokenizer byte)")
+    added = added_state_names(model)
+    if export is not None:
+        load_export_into(model, export, added)
+        step = export.step
+    else:
+        weights = load_module_state(ckpt)
+        load_weights_into(model, set(weights), weights.__getitem__, ckpt.path, added)
+        step = ckpt.step
+    get_logger().info("initialised from %s %s (step %d)%s", what, path, step,
+                      f"; added {cfg.model.add_peer} PEER layers: {len(added)} new tensors" if added else "")
+
+
+def _run_tokenizer(ckpt: Checkpoint, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The tokenizer entry of the data a run trained on (its manifest), or None when that data is gone."""
+    try:
+        return Manifest.load(config.get("data", {}).get("path", "")).info["tokenizer"]
+    except (DataError, OSError, KeyError):
+        return None
+
+
+def added_state_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names of the layers model.add_peer adds (marked ``added``)."""
+    return {f"{name}.{key}" for name, module in model.named_modules() if getattr(module, "added", False)
+            for key in module.state_dict()}
 
 
 def seed_everything(seed: int) -> None:
@@ -400,6 +435,8 @@ def _train_step(cfg: Config, setup: _Setup, loop: _Loop) -> tuple[torch.Tensor, 
     # The forwards update BatchNorm running statistics; a bad step must not keep them (a NaN
     # in the activations would poison them for evaluation). They are small: copy, restore if bad.
     buffers = {name: engine.module.get_buffer(name).clone() for name in _state_buffers(setup)}
+    if setup.selector is not None:
+        setup.selector.start_step()
     for micro in range(accum):
         batch = next(loop.batches).to(setup.device, non_blocking=True)  # (B, T + 1)
         loss = loop.plan.loss(step, rank, lm_loss(engine(batch[:, :-1]), batch[:, 1:]), micro)
@@ -409,6 +446,8 @@ def _train_step(cfg: Config, setup: _Setup, loop: _Loop) -> tuple[torch.Tensor, 
         last = micro == accum - 1
         update_start = time.perf_counter()
         if last:
+            if setup.selector is not None:
+                setup.selector.select()  # before the reduction: unselected rows' gradients are dropped there
             table_sq = _reduce_tables(setup)
             bad = loop.guard.check(total / accum, step=step,  # NOTE: host sync (one small all-reduce)
                                    grads_finite=table_sq is None or bool(torch.isfinite(table_sq)),
@@ -518,7 +557,10 @@ def _log_interval(cfg: Config, setup: _Setup, loop: _Loop, interval_loss: torch.
     loss_sum, count = interval_loss.tolist()  # NOTE: host sync (once per log interval)
     steps, loop.interval_steps = loop.interval_steps, 0  # every step read and trained on its tokens
     elapsed = time.perf_counter() - loop.interval_start
-    lr = setup.engine.get_lr()[0]
+    # The dense weights' lr; with none training (train.trainable = "experts") the tables' (base lr x scale).
+    lrs = setup.engine.get_lr()
+    lr = lrs[0] if lrs else table_optimizer(setup.engine).lr / cfg.train.table_lr_scale if cfg.train.table_lr_scale \
+        else 0.0
     tokens_per_step = _global_batch(cfg, setup.layout) * setup.manifest.seq_len
     tokens_per_s = tokens_per_step * steps / elapsed
     values = {"train/lr": lr, "train/tokens_per_s": tokens_per_s,
