@@ -110,19 +110,27 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _phase(text: str) -> str:
-    if text not in SAVE_PHASES:
-        raise ValueError(f"allowed phases: {', '.join(SAVE_PHASES)}")
-    return text
+def _one_of(choices: tuple[str, ...], what: str) -> Any:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"allowed {what}: {', '.join(choices)}")
+        return text
+    return parse
+
+
+def _lookup_signal(name: str | int) -> signal.Signals:
+    """``"SIGTERM"``, ``"TERM"``, ``"usr1"`` or a number; ValueError for an unknown number,
+    KeyError for an unknown name."""
+    if isinstance(name, int) or name.strip().isdigit():
+        return signal.Signals(int(name))
+    key = name.strip().upper()
+    return signal.Signals[key if key.startswith("SIG") else f"SIG{key}"]
 
 
 def _signal(text: str) -> int:
     """Any signal, SIGKILL included (a kill -9 drill): "SIGUSR1", "usr1" or a number."""
     try:
-        if text.isdigit():
-            return int(signal.Signals(int(text)))
-        name = text.upper()
-        return int(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
+        return int(_lookup_signal(text))
     except (KeyError, ValueError):
         raise ValueError("must be a signal name such as SIGTERM, SIGUSR1, SIGKILL, or its number") from None
 
@@ -134,14 +142,8 @@ def _relative_glob(text: str) -> str:
     return text
 
 
-def _target(text: str) -> str:
-    if text not in SIGNAL_TARGETS:
-        raise ValueError(f"allowed targets: {', '.join(SIGNAL_TARGETS)}")
-    return text
-
-
-_PARSERS = {"step": _int_at_least(1), "rank": _int_at_least(0), "phase": _phase, "factor": _positive_float,
-            "seconds": _seconds, "sig": _signal, "file": _relative_glob, "target": _target}
+_PARSERS = {"step": _int_at_least(1), "rank": _int_at_least(0), "phase": _one_of(SAVE_PHASES, "phases"), "factor": _positive_float,
+            "seconds": _seconds, "sig": _signal, "file": _relative_glob, "target": _one_of(SIGNAL_TARGETS, "targets")}
 
 
 def parse_fault(text: str, source: str = "fault") -> Fault:
@@ -196,19 +198,13 @@ def parse_faults(cfg: _FaultsSection, environ: Mapping[str, str] | None = None) 
 
 def parse_signal(name: str | int) -> signal.Signals:
     """``"SIGTERM"``, ``"TERM"``, ``"usr1"`` or a number -> the signal; anything else is a clear error."""
-    if isinstance(name, int) or (isinstance(name, str) and name.strip().isdigit()):
-        try:
-            sig = signal.Signals(int(name))
-        except ValueError:
-            raise ConfigError(f"signal number {name} does not exist on this system") from None
-    else:
-        key = name.strip().upper()
-        key = key if key.startswith("SIG") else f"SIG{key}"
-        try:
-            sig = signal.Signals[key]
-        except KeyError:
-            raise ConfigError(f"unknown signal {name!r}; use a name such as SIGTERM, SIGUSR1, SIGUSR2, "
-                              "SIGINT") from None
+    try:
+        sig = _lookup_signal(name)
+    except ValueError:
+        raise ConfigError(f"signal number {name} does not exist on this system") from None
+    except KeyError:
+        raise ConfigError(f"unknown signal {name!r}; use a name such as SIGTERM, SIGUSR1, SIGUSR2, "
+                          "SIGINT") from None
     if sig.name in _UNCATCHABLE:
         raise ConfigError(f"signal {sig.name} cannot be caught; use SIGTERM, SIGUSR1, SIGUSR2 or SIGINT")
     return sig

@@ -76,7 +76,7 @@ class _Setup:
     flops_per_token: float = 0.0  # training FLOPs per token of the model (peer_dist/model/flops.py)
     started: float = 0.0  # time.perf_counter() when set-up began
     state_buffers: list[str] | None = None  # persistent buffer names, see _state_buffers
-    gradients: GradientWatch | None = None  # NaN/Inf in this rank's gradients (the guard's second check)
+    gradients: GradientWatch | None = None  # NaN/Inf in this rank's gradients (the guard's second check; off with it)
     lease: RunLease | None = None  # rank 0: this job's lease on the run folder
     startup: dict[str, float] = field(default_factory=dict)  # startup/* metrics: set-up and resume cost
     selector: ExpertSelector | None = None  # train.sparse_experts: which expert rows a step updates
@@ -144,7 +144,7 @@ def _set_up(cfg: Config) -> _Setup:
     selector = ExpertSelector(model, table_optimizer(engine), cfg.train) if cfg.train.sparse_experts else None
     return _Setup(env, layout, device, manifest, model, engine, flops_per_token=flops, started=started,
                   selector=selector,
-                  gradients=GradientWatch(engine.module.parameters()),
+                  gradients=GradientWatch(engine.module.parameters()) if cfg.guard.enabled else None,
                   startup={"startup/set_up_s": time.perf_counter() - started, "startup/model_init_s": model_init_s})
 
 
@@ -451,7 +451,7 @@ def _train_step(cfg: Config, setup: _Setup, loop: _Loop) -> tuple[torch.Tensor, 
             table_sq = _reduce_tables(setup)
             bad = loop.guard.check(total / accum, step=step,  # NOTE: host sync (one small all-reduce)
                                    grads_finite=table_sq is None or bool(torch.isfinite(table_sq)),
-                                   local_grads_finite=setup.gradients.take())
+                                   local_grads_finite=setup.gradients is None or setup.gradients.take())
             _skip_next_update(engine, bad)
             if bad:
                 _restore_buffers(engine.module, buffers)
