@@ -18,5 +18,8 @@ fi
 # [gpu] is Triton: its CPU interpreter lets the tests check the fused kernels without a GPU.
 # [hf] is transformers: the tests load `peer-dist export --format hf` folders with it.
 "$VENV/bin/python" -m pip install -q -e ".[dev,mpi,gpu,hf]"
+# The C kernels of peer_dist.native, compiled now rather than at the first training step.
+"$VENV/bin/python" -m peer_dist.native > /dev/null \
+  || echo "warning: no C compiler: product-key top-k falls back to torch.topk (slower)"
 echo "$want" > "$stamp"
 echo "environment ready: $VENV"

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from peer_dist import native
 from peer_dist.model.expert_ops import ExpertRouting, bag_sum, segment_sum
 
 
@@ -70,11 +71,24 @@ def product_key_topk(queries_THQ: Tensor, sub_keys_2SC: Tensor, topk: int) -> tu
         side_ids.append(top_ids_RK)
     rank_a, rank_b = _candidate_rank_tensors(topk, queries_THQ.device)
     cand_RM = side_scores[0].index_select(1, rank_a) + side_scores[1].index_select(1, rank_b)
-    scores_RK, pos_RK = cand_RM.topk(topk, dim=-1, sorted=True)
+    scores_RK, pos_RK = sorted_topk(cand_RM, topk)
     a_RK = side_ids[0].gather(1, rank_a[pos_RK])
     b_RK = side_ids[1].gather(1, rank_b[pos_RK])
     ids_RK = a_RK * num_sub + b_RK
     return scores_RK.view(num_tokens, heads, topk), ids_RK.view(num_tokens, heads, topk)
+
+
+def sorted_topk(x_RC: Tensor, topk: int) -> tuple[Tensor, Tensor]:
+    """``x_RC.topk(topk, dim=-1, sorted=True)``; on CPU float32 through the native kernel.
+
+    Autograd flows through the values as through torch.topk (a gather at the chosen columns).
+    """
+    if not native.topk_available(x_RC):
+        return x_RC.topk(topk, dim=-1, sorted=True)
+    values_RK, ids_RK = native.topk(x_RC, topk)
+    if x_RC.requires_grad and torch.is_grad_enabled():
+        values_RK = x_RC.gather(1, ids_RK)
+    return values_RK, ids_RK
 
 
 class SubKeyTopK(torch.autograd.Function):
@@ -90,7 +104,7 @@ class SubKeyTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q_RC: Tensor, keys_SC: Tensor, topk: int) -> tuple[Tensor, Tensor]:
         scores_RS = q_RC @ keys_SC.t()  # transient; the largest tensor of retrieval
-        top_scores_RK, top_ids_RK = scores_RS.topk(topk, dim=-1, sorted=True)
+        top_scores_RK, top_ids_RK = sorted_topk(scores_RS, topk)
         ctx.save_for_backward(q_RC, keys_SC, top_ids_RK)
         ctx.mark_non_differentiable(top_ids_RK)
         return top_scores_RK, top_ids_RK

@@ -1,0 +1,137 @@
+"""The C kernels of peer_dist.native against independent references: a stable Python sort of
+every row, torch.topk, brute-force retrieval; their build cache and the fallback without a compiler."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from peer_dist import native
+from peer_dist.model.product_keys import product_key_topk
+from tests.references import all_composite_keys
+
+pytestmark = pytest.mark.skipif(not native.topk_available(torch.zeros(1, 1)), reason="no C compiler here")
+
+
+def sorted_reference(x_RC: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: columns ordered by (value descending, NaN first, column ascending), first k."""
+    ids = []
+    for row in x_RC.tolist():
+        key = [(0 if math.isnan(a) else 1, -a if not math.isnan(a) else 0.0, j) for j, a in enumerate(row)]
+        ids.append([j for *_, j in sorted(key)][:k])
+    ids_RK = torch.tensor(ids, dtype=torch.int64).reshape(x_RC.shape[0], k)
+    return x_RC.gather(1, ids_RK), ids_RK
+
+
+@pytest.mark.parametrize("rows, cols, k", [(300, 256, 16), (300, 50, 16), (64, 256, 1), (64, 40, 40),
+                                           (64, 24, 16), (32, 1024, 64), (32, 300, 65)])
+def test_topk_equals_a_stable_sort(rows: int, cols: int, k: int) -> None:
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(cols + k))
+    values, ids = native.topk(x, k)
+    ref_values, ref_ids = sorted_reference(x, k)
+    assert torch.equal(ids, ref_ids)
+    assert torch.equal(values, ref_values)
+    torch_values, _ = x.topk(k, dim=-1, sorted=True)
+    assert torch.equal(values, torch_values)
+
+
+def test_ties_nan_and_strided_rows() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 6, (200, 256), generator=gen).float()  # many ties at every threshold
+    x[5] = 1.0  # a row of one value: the candidate list is the whole row
+    x[7, [3, 100, 200]] = float("nan")
+    x[9] = float("nan")
+    wide = torch.randn(200, 300, generator=gen)
+    wide[:, 20:276] = x
+    strided = wide[:, 20:276]  # rows 300 values apart
+    assert strided.stride() == (300, 1)
+    for tensor in (x, strided):
+        values, ids = native.topk(tensor, 16)
+        ref_values, ref_ids = sorted_reference(tensor, 16)
+        assert torch.equal(ids, ref_ids)
+        assert torch.equal(values.nan_to_num(7.0), ref_values.nan_to_num(7.0))
+    assert ids[9].tolist() == list(range(16))
+    assert ids[7, :3].tolist() == [3, 100, 200]
+
+
+def test_thread_count_does_not_change_results() -> None:
+    x = torch.randn(20000, 256, generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.topk(x, 16)
+        torch.set_num_threads(2)
+        two = native.topk(x, 16)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@pytest.mark.parametrize("topk", [4, 16])
+def test_float32_retrieval_equals_brute_force_and_the_torch_path(topk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(topk)
+    q = torch.randn(64, 4, 32, generator=gen, requires_grad=True)
+    sub_keys = torch.randn(2, 64, 16, generator=gen, requires_grad=True)
+    scores, ids = product_key_topk(q, sub_keys, topk)
+    brute_scores, brute_ids = torch.einsum("thq,nq->thn", q.detach(), all_composite_keys(sub_keys.detach())).topk(topk)
+    assert torch.equal(ids.sort(-1).values, brute_ids.sort(-1).values)
+    torch.testing.assert_close(scores.detach(), brute_scores, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad((scores * torch.arange(topk)).sum(), (q, sub_keys))
+
+    monkeypatch.setenv("PEER_DIST_NATIVE", "0")
+    assert not native.topk_available(q)
+    torch_scores, torch_ids = product_key_topk(q, sub_keys, topk)
+    torch_grads = torch.autograd.grad((torch_scores * torch.arange(topk)).sum(), (q, sub_keys))
+    assert torch.equal(ids, torch_ids)
+    assert torch.equal(scores, torch_scores)
+    for got, ref in zip(grads, torch_grads):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_concurrent_first_builds_share_one_library(tmp_path: Path) -> None:
+    env = {**os.environ, "PEER_DIST_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-m", "peer_dist.native"], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    paths = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert [p.returncode for p in procs] == [0] * 4
+    assert len(paths) == 1
+    assert [f.name for f in tmp_path.iterdir()] == [Path(paths.pop()).name]  # no temporary file left
+    library = next(tmp_path.iterdir())
+    stamp = library.stat().st_mtime_ns
+    again = _python("from peer_dist import native; print(native.build())", {"PEER_DIST_CACHE": str(tmp_path)})
+    assert again.returncode == 0 and library.stat().st_mtime_ns == stamp  # cached: not rebuilt
+
+
+def test_without_a_compiler_retrieval_falls_back_to_torch_with_one_warning(tmp_path: Path) -> None:
+    code = (
+        "import torch, logging; logging.basicConfig()\n"
+        "from peer_dist import native\n"
+        "from peer_dist.model.product_keys import product_key_topk\n"
+        "try:\n"
+        "    native.build()\n"
+        "except native.NativeBuildError as err:\n"
+        "    print('build:', err)\n"
+        "q = torch.randn(8, 2, 16); keys = torch.randn(2, 32, 8)\n"
+        "for _ in range(3): s, i = product_key_topk(q, keys, 4)\n"
+        "ref = torch.einsum('thq,nq->thn', q, torch.cat([keys[0].repeat_interleave(32, 0), keys[1].repeat(32, 1)], 1))\n"
+        "print('equal:', torch.equal(i.sort(-1).values, ref.topk(4).indices.sort(-1).values))\n"
+    )
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    done = _python(code, {"PEER_DIST_CACHE": str(tmp_path / "cache"), "PATH": str(empty_bin), "CC": ""})
+    assert done.returncode == 0, done.stderr
+    assert "build: no C compiler found (set CC, or install gcc)" in done.stdout
+    assert "equal: True" in done.stdout
+    assert done.stderr.count("native CPU kernels unavailable, using torch instead") == 1
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
