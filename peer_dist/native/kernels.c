@@ -39,7 +39,9 @@ static void row_topk_insertion(const float *p, int64_t cols, int64_t k, float *v
 /* Rows without NaN, 2k <= cols, k <= MAX_LANES. Three branch-free passes:
  *  1. lane maxima: column j belongs to lane j mod k; every lane holds a value >= the smallest lane
  *     maximum thr, so at least k values are >= thr and the top k are among them;
- *  2. copy the values >= thr (about 40 of 256 for k = 16) with their columns into bv / bi;
+ *  2. copy the values >= thr (about 47 of 256 for k = 16) with their columns into bv / bi, and
+ *     narrow the candidates the same way (lanes over the candidates) while that removes some
+ *     (to about 27);
  *  3. rank each candidate by counting the candidates that rank before it (larger, or equal and
  *     earlier); ranks 0..k-1 are the output positions.
  * Pass 3 is quadratic in the candidates: with many ties at thr the insertion path takes over. */
@@ -71,6 +73,23 @@ static void row_topk_threshold(const float *p, int64_t cols, int64_t k, float *v
         bv[n] = a;
         bi[n] = j;
         n += a >= thr;
+    }
+    while (n >= 2 * k) {
+        for (int64_t b = 0; b < k; ++b) m[b] = bv[b];
+        for (j = k; j + k <= n; j += k)
+            for (int64_t b = 0; b < k; ++b) m[b] = bv[j + b] > m[b] ? bv[j + b] : m[b];
+        float thr2 = m[0];
+        for (int64_t b = 1; b < k; ++b) thr2 = m[b] < thr2 ? m[b] : thr2;
+        int64_t kept = 0;
+        for (j = 0; j < n; ++j) {
+            float a = bv[j];
+            int64_t col = bi[j];
+            bv[kept] = a;
+            bi[kept] = col;
+            kept += a >= thr2;
+        }
+        if (kept == n) break;
+        n = kept;
     }
     if (n > 4 * k + 64) {
         int64_t held = 0;
