@@ -286,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     prepare_bench.add_arguments(b)
     b.set_defaults(func=_bench, bench_run=prepare_bench.run)
 
+    from peer_dist.bench import kernels as kernels_bench
+
+    b = bench.add_parser("kernels", help="the C kernels of the CPU path (top-k, argsort, gather-dot, row-sparse "
+                         "AdamW) vs the torch ops they replace: ms and speedup")
+    kernels_bench.add_arguments(b)
+    b.set_defaults(func=_bench, bench_run=kernels_bench.run)
+
     from peer_dist.bench import generate as generate_bench
 
     b = bench.add_parser("generate", help="prefill and decode tokens/s (KV cache vs recompute); with "

@@ -25,7 +25,7 @@ def test_every_command_has_an_example_in_the_cli_page() -> None:
     text = (ROOT / "docs" / "cli.md").read_text()
     for command in build_parser().commands:
         assert f"peer-dist {command} " in text, command
-    for bench in ("layer", "ep", "ckpt", "model", "prepare", "startup", "generate"):
+    for bench in ("layer", "ep", "ckpt", "model", "kernels", "prepare", "startup", "generate"):
         assert f"peer-dist bench {bench}" in text, bench
 
 

@@ -135,3 +135,55 @@ def test_without_a_compiler_retrieval_falls_back_to_torch_with_one_warning(tmp_p
     assert "equal: True" in done.stdout
     assert done.stderr.count("native CPU kernels unavailable, using torch instead") == 1
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("num_values", [1, 2, 256, 65536, 1 << 20, 1 << 23])
+def test_argsort_ids_equals_torch_stable_argsort(num_values: int) -> None:
+    gen = torch.Generator().manual_seed(num_values)
+    for size in (0, 1, 1000, 50000):
+        ids = torch.randint(0, num_values, (size,), generator=gen)
+        assert torch.equal(native.argsort_ids(ids, num_values), torch.argsort(ids, stable=True))
+    with pytest.raises(ValueError, match=r"outside \[0, 256\)"):
+        native.argsort_ids(torch.tensor([3, 256, 1]), 256)
+
+
+@pytest.mark.parametrize("weight_decay, clip, with_row_lr", [(0.0, 1.0, False), (0.1, 0.37, True)])
+def test_adamw_rows_equals_torch_adamw_per_row(weight_decay: float, clip: float, with_row_lr: bool) -> None:
+    """Each row against torch.optim.AdamW run on that row alone over the steps it was touched."""
+    gen = torch.Generator().manual_seed(7)
+    num_rows, width, lr, betas, eps = 12, 40, 3e-2, (0.9, 0.95), 1e-6
+    table = torch.randn(num_rows, width, generator=gen)
+    row_lr = torch.rand(num_rows, generator=gen) if with_row_lr else None
+    refs = [torch.nn.Parameter(table[r].clone()) for r in range(num_rows)]
+    ref_opts = [torch.optim.AdamW([p], lr=lr * (1.0 if row_lr is None else float(row_lr[r])), betas=betas, eps=eps,
+                                  weight_decay=weight_decay) for r, p in enumerate(refs)]
+    exp_avg, exp_avg_sq = torch.zeros_like(table), torch.zeros_like(table)
+    row_step = torch.zeros(num_rows, dtype=torch.int64)
+    for _ in range(6):
+        ids = torch.randperm(num_rows, generator=gen)[:7].sort().values
+        grad = torch.randn(7, width, generator=gen)
+        native.adamw_rows(table, exp_avg, exp_avg_sq, row_step, ids, grad,
+                          None if row_lr is None else row_lr[ids], lr, betas, eps, weight_decay, clip)
+        for i, r in enumerate(ids.tolist()):
+            refs[r].grad = grad[i] * clip
+            ref_opts[r].step()
+    for r in range(num_rows):
+        torch.testing.assert_close(table[r], refs[r].detach(), rtol=1e-5, atol=1e-6)
+        if refs[r] in ref_opts[r].state:
+            torch.testing.assert_close(exp_avg_sq[r], ref_opts[r].state[refs[r]]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+            assert row_step[r] == int(ref_opts[r].state[refs[r]]["step"])
+        else:
+            assert row_step[r] == 0 and torch.equal(exp_avg[r], torch.zeros(width))
+
+
+@pytest.mark.parametrize("width", [1, 7, 64, 77])
+def test_gather_dot_equals_float64_dot_products(width: int) -> None:
+    from peer_dist.model.expert_ops import ExpertRouting
+
+    gen = torch.Generator().manual_seed(width)
+    ids = torch.randint(0, 300, (50, 12), generator=gen)
+    routing = ExpertRouting.build(ids, 300)
+    rows, table = torch.randn(50, width, generator=gen), torch.randn(300, width, generator=gen)
+    got = native.gather_dot(rows, table, routing.sorted_ids_P, routing.row_P, routing.slot_P)
+    want = (table.double()[ids] * rows.double()[:, None, :]).sum(-1).reshape(-1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from peer_dist import native
 from peer_dist.errors import ConfigError
 
 # Pairs gathered at once by the chunked gather-dot fallback. 8192 pairs * D=512 *
@@ -120,7 +121,7 @@ class ExpertRouting:
         num_rows, num_slots = ids_TJ.shape
         with torch.no_grad():
             ids_S = ids_TJ.reshape(-1)
-            slot_P = torch.argsort(ids_S, stable=True)
+            slot_P = _stable_argsort(ids_S, num_experts)
             row_P = torch.div(slot_P, max(num_slots, 1), rounding_mode="floor")
             offsets_T = torch.arange(num_rows, device=ids_TJ.device, dtype=torch.int64) * num_slots
         return cls._grouped(ids_S, offsets_T, slot_P, row_P, num_experts)
@@ -131,7 +132,7 @@ class ExpertRouting:
         with torch.no_grad():
             rows_T = torch.arange(num_rows, device=ids_S.device, dtype=torch.int64)
             offsets_T = torch.searchsorted(row_S, rows_T)
-            slot_P = torch.argsort(ids_S, stable=True)
+            slot_P = _stable_argsort(ids_S, num_experts)
             row_P = row_S.index_select(0, slot_P)
         return cls._grouped(ids_S, offsets_T, slot_P, row_P, num_experts)
 
@@ -160,6 +161,17 @@ class ExpertRouting:
         """
         experts_N = torch.arange(self.num_experts + 1, device=self.ids_S.device, dtype=torch.int64)
         return torch.searchsorted(self.sorted_ids_P, experts_N).tolist()
+
+
+def _stable_argsort(ids_S: Tensor, num_experts: int) -> Tensor:
+    """Positions of ``ids_S`` in ascending id order, equal ids in position order.
+
+    On the CPU a radix sort over the bits of ``num_experts`` (peer_dist.native): 2 passes for up
+    to 2^22 experts, 2-4x faster than torch's stable argsort of int64 keys on one thread.
+    """
+    if native.argsort_ids_available(ids_S):
+        return native.argsort_ids(ids_S, num_experts)
+    return torch.argsort(ids_S, stable=True)
 
 
 class RowGrad:
@@ -231,11 +243,13 @@ def gather_dot(
     """out[s] = rows[row of s] . table[ids[s]], shape (S,), never holding (S, D).
 
     ``kernel``: "fused" (ATen's private per-sample-weights kernel), "chunked"
-    (index_select + vecdot over ``chunk_size`` slots at a time) or "auto" (fused
-    when this torch build has it).
+    (index_select + vecdot over ``chunk_size`` slots at a time) or "auto" (the C kernel
+    of peer_dist.native on fp32 CPU tensors, else fused when this torch build has it).
     """
     if routing.num_slots == 0:
         return rows_TD.new_empty(0)
+    if kernel == "auto" and native.gather_dot_available(rows_TD, table_ND):
+        return native.gather_dot(rows_TD, table_ND, routing.sorted_ids_P, routing.row_P, routing.slot_P)
     if kernel == "fused" or (kernel == "auto" and _FUSED_GATHER_DOT is not None):
         if _FUSED_GATHER_DOT is None:
             raise RuntimeError("this torch build has no aten::_embedding_bag_per_sample_weights_backward")

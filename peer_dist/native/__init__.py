@@ -1,11 +1,17 @@
 """CPU kernels in C for the steps torch has no fast path for (kernels.c), loaded with ctypes.
 
-Today: the sorted top-k of short rows that product-key retrieval does per (token, head)
+Four of them. The sorted top-k of short rows that product-key retrieval does per (token, head)
 and key half (k = 16 of n = 256 sub-key scores; then k of the ~3k candidates). On a
 CPU ``torch.topk`` spends ~8 ns per value there (single thread, k = 16 of 256), about
 half of a small PEER model's training step; the kernel here finds a threshold that at
 least k values reach, keeps only those and ranks them, in branch-free loops the
-compiler vectorises: 4x faster on one thread (kernels.c says how).
+compiler vectorises: 4x faster on one thread (kernels.c says how). And the row-sparse
+AdamW update of the expert tables (peer_dist.train.sparse_tables) in one pass over each
+touched row instead of torch's gather, seven elementwise passes and scatter. And the
+stable argsort of expert ids that groups a layer call's (token, expert) pairs by expert
+(peer_dist.model.expert_ops.ExpertRouting): a radix sort over the ids' bits. And the
+gather-dot of the expert compute (one dot product of a table row and a token row per
+(token, expert) pair, in expert order), written straight to slot order.
 
 The library is compiled on first use with the system's C compiler (``$CC``, else ``cc``
 or ``gcc``) into a cache folder (``$PEER_DIST_CACHE``, else ``$XDG_CACHE_HOME/peer_dist``,
@@ -21,6 +27,7 @@ rows are independent, so results do not depend on the thread count.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -31,7 +38,7 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -40,7 +47,7 @@ from peer_dist.log import get_logger
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 # Portable flags only: a cache folder may be shared by nodes with different CPUs.
-_CFLAGS = ("-O3", "-std=c99", "-fPIC", "-shared")
+_CFLAGS = ("-O3", "-std=c99", "-fno-math-errno", "-fPIC", "-shared")
 # Below this many values per call one thread is faster than handing rows to the pool.
 _MIN_VALUES_PER_THREAD = 1 << 16
 
@@ -51,9 +58,23 @@ class NativeBuildError(RuntimeError):
     """The C kernels could not be compiled or loaded (no compiler, failed build)."""
 
 
+_switched_off = False
+
+
 def enabled() -> bool:
-    """Whether the native kernels are wanted (``PEER_DIST_NATIVE`` is not 0)."""
-    return os.environ.get("PEER_DIST_NATIVE", "1") != "0"
+    """Whether the native kernels are wanted (``PEER_DIST_NATIVE`` is not 0, not inside :func:`disabled`)."""
+    return not _switched_off and os.environ.get("PEER_DIST_NATIVE", "1") != "0"
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """The torch path everywhere inside the block (benchmarks measure references with it)."""
+    global _switched_off
+    before, _switched_off = _switched_off, True
+    try:
+        yield
+    finally:
+        _switched_off = before
 
 
 def cache_dir() -> Path:
@@ -86,7 +107,7 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [_compiler(), *_CFLAGS, "-o", tmp, str(_SOURCE)]
+        cmd = [_compiler(), *_CFLAGS, "-o", tmp, str(_SOURCE), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise NativeBuildError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
@@ -106,6 +127,12 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.peer_topk_rows_f32.restype = ctypes.c_int
     lib.peer_topk_rows_f32.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64]
+    lib.peer_adamw_rows_f32.restype = None
+    lib.peer_argsort_ids.restype = ctypes.c_int
+    lib.peer_gather_dot_f32.restype = None
+    lib.peer_gather_dot_f32.argtypes = [_PTR] * 5 + [_I64, _PTR, _I64, _I64]
+    lib.peer_argsort_ids.argtypes = [_PTR, _I64, _I64, _PTR, _PTR]
+    lib.peer_adamw_rows_f32.argtypes = [_PTR] * 7 + [_I64] + [ctypes.c_float] * 6 + [_I64, _I64]
     return lib
 
 
@@ -165,3 +192,76 @@ def topk(x_RC: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     _over_rows(rows, num_rows, cols)
     return values_RK, ids_RK
+
+
+def adamw_rows_available(*tensors: Tensor) -> bool:
+    """Whether :func:`adamw_rows` runs natively on these tensors (all contiguous fp32/int64 on the CPU)."""
+    return (enabled() and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and _library() is not None)
+
+
+def adamw_rows(param_ND: Tensor, exp_avg_ND: Tensor, exp_avg_sq_ND: Tensor, row_step_N: Tensor, ids_U: Tensor,
+               grad_UD: Tensor, row_lr_U: Tensor | None, lr: float, betas: tuple[float, float], eps: float,
+               weight_decay: float, grad_scale: float) -> None:
+    """AdamW with a step count per row on rows ``ids_U`` (distinct) of an fp32 table, in place.
+
+    ``grad_UD``: their fp32 gradients, multiplied by ``grad_scale`` first; ``row_lr_U``: a
+    learning-rate factor per row or None. The arithmetic is torch AdamW's (kernels.c writes it
+    out); check :func:`adamw_rows_available` first.
+    """
+    lib = _library()
+    if lib is None or param_ND.dtype != torch.float32 or grad_UD.dtype != torch.float32:
+        raise ValueError("adamw_rows needs fp32 tables and gradients and the native library")
+    width = param_ND.shape[1]
+    row_lr = None if row_lr_U is None else row_lr_U.to(torch.float32).contiguous()
+    ptrs = (param_ND.data_ptr(), exp_avg_ND.data_ptr(), exp_avg_sq_ND.data_ptr(), row_step_N.data_ptr(),
+            ids_U.data_ptr(), grad_UD.data_ptr(), None if row_lr is None else row_lr.data_ptr())
+    scalars = (width, lr, betas[0], betas[1], eps, weight_decay, grad_scale)
+    _over_rows(lambda begin, end: lib.peer_adamw_rows_f32(*ptrs, *scalars, begin, end), ids_U.numel(), width)
+
+
+def argsort_ids_available(ids: Tensor) -> bool:
+    """Whether :func:`argsort_ids` runs natively on ``ids`` (a contiguous int64 CPU vector)."""
+    return (enabled() and ids.device.type == "cpu" and ids.dtype == torch.int64 and ids.dim() == 1
+            and ids.is_contiguous() and _library() is not None)
+
+
+def argsort_ids(ids_S: Tensor, num_values: int) -> Tensor:
+    """``torch.argsort(ids_S, stable=True)`` for ids in [0, num_values): LSD radix sort, O(S) per
+    11 bits of ``num_values``. Check :func:`argsort_ids_available` first."""
+    lib = _library()
+    if lib is None:
+        raise ValueError("argsort_ids needs the native library")
+    order_S = torch.empty_like(ids_S)
+    scratch_S = torch.empty_like(ids_S)
+    bits = max(1, (num_values - 1).bit_length())
+    status = lib.peer_argsort_ids(ids_S.data_ptr(), ids_S.numel(), bits, order_S.data_ptr(), scratch_S.data_ptr())
+    if status == -1:
+        raise ValueError(f"argsort_ids: an id is outside [0, {num_values})")
+    if status != 0:
+        raise MemoryError("argsort_ids: no memory for the radix counts")
+    return order_S
+
+
+def gather_dot_available(rows_TD: Tensor, table_ND: Tensor) -> bool:
+    """Whether :func:`gather_dot` runs natively (contiguous fp32 CPU rows and table)."""
+    return (enabled() and rows_TD.device.type == "cpu" and table_ND.device.type == "cpu"
+            and rows_TD.dtype == table_ND.dtype == torch.float32 and rows_TD.is_contiguous()
+            and table_ND.is_contiguous() and _library() is not None)
+
+
+def gather_dot(rows_TD: Tensor, table_ND: Tensor, sorted_ids_P: Tensor, row_P: Tensor, slot_P: Tensor) -> Tensor:
+    """out[slot_P[p]] = table[sorted_ids_P[p]] . rows[row_P[p]], shape (P,) in slot order.
+
+    ``slot_P`` is a permutation of the P slots; the pairs are visited in the given (expert)
+    order. Not differentiable. Check :func:`gather_dot_available` first.
+    """
+    lib = _library()
+    if lib is None:
+        raise ValueError("gather_dot needs the native library")
+    out_S = torch.empty(slot_P.numel(), dtype=torch.float32)
+    width = rows_TD.shape[1]
+    ptrs = (rows_TD.data_ptr(), table_ND.data_ptr(), sorted_ids_P.data_ptr(), row_P.data_ptr(), slot_P.data_ptr())
+    _over_rows(lambda begin, end: lib.peer_gather_dot_f32(*ptrs, width, out_S.data_ptr(), begin, end),
+               slot_P.numel(), width)
+    return out_S

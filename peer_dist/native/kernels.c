@@ -6,6 +6,7 @@
  * the result does not depend on the split.
  */
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 
 /* a ranks before b: the larger value first, NaN above every number (the order of torch.topk). */
@@ -135,4 +136,90 @@ int peer_topk_rows_f32(const float *x, int64_t cols, int64_t ld, int64_t k, floa
     free(bv);
     free(bi);
     return 0;
+}
+
+/* AdamW on rows ids[row_begin:row_end] of an fp32 table, fused: each row's value, moments and
+ * gradient are read once and written once (the torch path gathers, updates and scatters them in
+ * seven passes). Per row r = ids[i], with its own step count t = ++row_step[r]:
+ *     g = grad[i] * grad_scale
+ *     m = m + (1 - beta1) (g - m)                   v = beta2 v + (1 - beta2) g^2
+ *     p = p (1 - lr_i wd) - lr_i / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+ * with lr_i = lr * row_lr[i] (row_lr may be NULL: 1). Rows are distinct, so a split of the rows
+ * over threads touches disjoint memory. */
+void peer_adamw_rows_f32(float *param, float *exp_avg, float *exp_avg_sq, int64_t *row_step, const int64_t *ids,
+                         const float *grad, const float *row_lr, int64_t width, float lr, float beta1, float beta2,
+                         float eps, float weight_decay, float grad_scale, int64_t row_begin, int64_t row_end) {
+    for (int64_t i = row_begin; i < row_end; ++i) {
+        int64_t r = ids[i];
+        int64_t t = ++row_step[r];
+        float lr_i = row_lr ? lr * row_lr[i] : lr;
+        float bias1 = 1.0f - powf(beta1, (float)t);
+        float bias2_sqrt = sqrtf(1.0f - powf(beta2, (float)t));
+        float step_size = lr_i / bias1, decay = 1.0f - lr_i * weight_decay;
+        float *p = param + r * width, *m = exp_avg + r * width, *v = exp_avg_sq + r * width;
+        const float *g = grad + i * width;
+        for (int64_t d = 0; d < width; ++d) {
+            float gd = g[d] * grad_scale;
+            float md = m[d] + (1.0f - beta1) * (gd - m[d]);
+            float vd = beta2 * v[d] + (1.0f - beta2) * gd * gd;
+            m[d] = md;
+            v[d] = vd;
+            p[d] = p[d] * decay - step_size * md / (sqrtf(vd) / bias2_sqrt + eps);
+        }
+    }
+}
+
+/* Stable argsort of n ids in [0, 2^bits) (LSD radix sort, digits of at most 11 bits): order[j] is
+ * the position of the j-th smallest id, equal ids in position order (torch.argsort(stable=True)).
+ * O(n) per digit whatever the number of ids' values; `scratch` holds n int64. Returns -1 (order
+ * undefined) when an id is out of range. */
+int peer_argsort_ids(const int64_t *ids, int64_t n, int64_t bits, int64_t *order, int64_t *scratch) {
+    for (int64_t i = 0; i < n; ++i)
+        if (ids[i] < 0 || (bits < 63 && ids[i] >> bits)) return -1;
+    int64_t passes = bits <= 0 ? 1 : (bits + 10) / 11;
+    int64_t width = (bits + passes - 1) / passes;
+    if (width < 1) width = 1;
+    int64_t buckets = (int64_t)1 << width, mask = buckets - 1;
+    int64_t *count = calloc((size_t)buckets, sizeof(int64_t));
+    if (!count) return -2;
+    /* the passes alternate between order and scratch so that the last one writes order */
+    int64_t *src = passes % 2 ? order : scratch, *dst = passes % 2 ? scratch : order;
+    for (int64_t i = 0; i < n; ++i) dst[i] = i;
+    for (int64_t pass = 0; pass < passes; ++pass) {
+        int64_t shift = pass * width;
+        int64_t *tmp = src;
+        src = dst;
+        dst = tmp;
+        for (int64_t b = 0; b < buckets; ++b) count[b] = 0;
+        for (int64_t i = 0; i < n; ++i) ++count[(ids[src[i]] >> shift) & mask];
+        int64_t sum = 0;
+        for (int64_t b = 0; b < buckets; ++b) {
+            int64_t c = count[b];
+            count[b] = sum;
+            sum += c;
+        }
+        for (int64_t i = 0; i < n; ++i) dst[count[(ids[src[i]] >> shift) & mask]++] = src[i];
+    }
+    free(count);
+    return 0;
+}
+
+/* Gather-dot in expert order: out[slot[p]] = table[ids[p]] . rows[row[p]] for the pairs p of
+ * [begin, end), both operands fp32 rows of `width` values. Pairs come sorted by expert id, so
+ * consecutive pairs reuse the same table row from cache. Eight partial sums per dot product (the
+ * compiler vectorises them; a single running sum could not be reordered), added in a fixed order:
+ * the result does not depend on the thread split. Slots are distinct: threads write disjoint
+ * entries. */
+void peer_gather_dot_f32(const float *rows, const float *table, const int64_t *ids, const int64_t *row,
+                         const int64_t *slot, int64_t width, float *out, int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+        const float *a = table + ids[p] * width, *b = rows + row[p] * width;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t d = 0;
+        for (; d + 8 <= width; d += 8)
+            for (int j = 0; j < 8; ++j) acc[j] += a[d + j] * b[d + j];
+        float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for (; d < width; ++d) sum += a[d] * b[d];
+        out[slot[p]] = sum;
+    }
 }

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from peer_dist import native
 from peer_dist.model.expert_ops import RowGrad, coalesce_rows
 
 # Table values per update block (rows x D): 256k fp32 values = 1 MiB per gathered array.
@@ -166,6 +167,8 @@ class SparseTableAdamW:
             self.counts["rows_updated"] += ids_U.numel()
             if ids_U.numel():
                 rows_UD = grad.rows_UD.float()
+                if self._update_rows_native(spec.param, ids_U, rows_UD, scale_U, float(clip_scale)):
+                    continue
                 if float(clip_scale) != 1.0:
                     rows_UD = rows_UD * clip_scale
                 # Blocks of rows small enough for the CPU caches: each block's gathered moments,
@@ -181,6 +184,17 @@ class SparseTableAdamW:
     def set_step(self, step: int) -> None:
         """Learning rate for the 0-based optimizer step ``step`` (the trainer's schedule)."""
         self.lr = self.base_lr * self.lr_factor(step)
+
+    def _update_rows_native(self, p: nn.Parameter, ids_U: Tensor, g_UD: Tensor, scale_U: Tensor | None,
+                            clip_scale: float) -> bool:
+        """The whole update of an fp32 CPU table in one fused pass per row (peer_dist.native);
+        False where that does not apply (bf16 master copy, GPU, no compiler): use _update_rows."""
+        state = self.state_for(p)
+        tensors = (p, state["exp_avg"], state["exp_avg_sq"], state["row_step"], ids_U, g_UD)
+        if "master" in state or p.dtype != torch.float32 or not native.adamw_rows_available(*tensors):
+            return False
+        native.adamw_rows(*tensors, scale_U, self.lr, self.betas, self.eps, self.weight_decay, clip_scale)
+        return True
 
     def _update_rows(self, p: nn.Parameter, ids_U: Tensor, g_UD: Tensor, scale_U: Tensor | None = None) -> None:
         """AdamW on rows ``ids_U`` (one cache-sized block): gather, update in place, scatter back.
