@@ -248,7 +248,7 @@ def gather_dot(
     """
     if routing.num_slots == 0:
         return rows_TD.new_empty(0)
-    if kernel == "auto" and native.gather_dot_available(rows_TD, table_ND):
+    if kernel == "auto" and native.expert_order_available(rows_TD, table_ND):
         return native.gather_dot(rows_TD, table_ND, routing.sorted_ids_P, routing.row_P, routing.slot_P)
     if kernel == "fused" or (kernel == "auto" and _FUSED_GATHER_DOT is not None):
         if _FUSED_GATHER_DOT is None:
