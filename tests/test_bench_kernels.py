@@ -30,11 +30,12 @@ def test_bench_kernels_agree_with_torch_and_report_ratios(tmp_path: Path, capsys
         torch.set_num_threads(threads)
     assert "speedup" in capsys.readouterr().out
     rows = {r["kernel"].split(" (")[0].split(",")[0]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"top-16 of 256", "top-16 of 50", "argsort of 8192 expert ids", "gather-dot",
-                         "row-sparse AdamW"}
+    assert set(rows) == {"top-16 of 256", "top-16 of 50", "scores + top-16 of 1024", "argsort of 8192 expert ids",
+                         "gather-dot", "row-sparse AdamW"}
     for name in ("top-16 of 256", "top-16 of 50", "argsort of 8192 expert ids"):
         assert rows[name]["max_abs_diff"] == 0.0  # same values, same order
     assert rows["gather-dot"]["max_abs_diff"] < 1e-4
+    assert rows["scores + top-16 of 1024"]["max_abs_diff"] < 1e-4
     assert rows["row-sparse AdamW"]["max_abs_diff"] < 1e-6
     for r in rows.values():
         assert r["speedup"] == pytest.approx(r["torch_ms"] / r["native_ms"])

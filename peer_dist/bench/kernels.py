@@ -44,16 +44,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _cases(tokens: int) -> list[tuple[str, Callable[[], Any], Callable[[], Any]]]:
-    """(name, native call, torch call) at a PEER layer's shapes: h = 8, k = 16, N = 256^2."""
+    """(name, native call, torch call) at a PEER layer's shapes: h = 8, k = 16, N = 256^2 (the fused
+    sub-key scores at N = 1024^2, d_key = 128, where the layer uses them)."""
     gen = torch.Generator().manual_seed(0)
     num_experts, pairs_per_token = 256 * 256, 8 * 16
     scores = torch.randn(tokens * 8, 32, generator=gen) @ torch.randn(32, 256, generator=gen)
     candidates = torch.randn(tokens * 8, 50, generator=gen)
+    queries, keys_1024 = torch.randn(tokens * 8, 64, generator=gen), torch.randn(1024, 64, generator=gen)
     ids = torch.randint(0, num_experts, (tokens, pairs_per_token), generator=gen)
     routing = ExpertRouting.build(ids, num_experts)
     cases: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = [
         (f"top-16 of 256 ({tokens * 8} rows)", lambda: native.topk(scores, 16), lambda: scores.topk(16)),
         (f"top-16 of 50 ({tokens * 8} rows)", lambda: native.topk(candidates, 16), lambda: candidates.topk(16)),
+        (f"scores + top-16 of 1024 ({tokens * 8} rows)", lambda: native.scores_topk(queries, keys_1024, 16),
+         lambda: (queries @ keys_1024.t()).topk(16)),
         (f"argsort of {ids.numel()} expert ids", lambda: native.argsort_ids(ids.reshape(-1), num_experts),
          lambda: torch.argsort(ids.reshape(-1), stable=True)),
     ]

@@ -1,30 +1,33 @@
 """CPU kernels in C for the steps torch has no fast path for (kernels.c), loaded with ctypes.
 
-Four of them. The sorted top-k of short rows that product-key retrieval does per (token, head)
-and key half (k = 16 of n = 256 sub-key scores; then k of the ~3k candidates). On a
-CPU ``torch.topk`` spends ~8 ns per value there (single thread, k = 16 of 256), about
-half of a small PEER model's training step; the kernel here finds a threshold that at
-least k values reach, keeps only those and ranks them, in branch-free loops the
-compiler vectorises: 4x faster on one thread (kernels.c says how). And the row-sparse
-AdamW update of the expert tables (peer_dist.train.sparse_tables) in one pass over each
-touched row instead of torch's gather, seven elementwise passes and scatter. And the
-stable argsort of expert ids that groups a layer call's (token, expert) pairs by expert
-(peer_dist.model.expert_ops.ExpertRouting): a radix sort over the ids' bits. And the
-gather-dot of the expert compute (a dot product of a table row and a token row per
-(token, expert) pair), in expert order so that consecutive pairs reuse a table row, written
-straight to slot order. (The bag-sums and the table gradients' segment sums stay with ATen's
-``embedding_bag``: measured, C loops in expert order were no faster.)
+- :func:`topk`: the sorted top-k of short rows that product-key retrieval does per (token,
+  head) and key half (k = 16 of n = 256 sub-key scores, then of the 50 candidates).
+  ``torch.topk`` spends ~8 ns per value there on one CPU thread, about half of a small PEER
+  model's step; the kernel finds a threshold that at least k values reach, keeps only those
+  and ranks them, in branch-free loops the compiler vectorises: 4x faster.
+- :func:`scores_topk`: the sub-key scores and their top-k in one loop per query, without the
+  (rows, n) score matrix; used from n = 512 (faster there, not at 256).
+- :func:`argsort_ids`: the stable argsort that groups a layer call's (token, expert) pairs by
+  expert (peer_dist.model.expert_ops.ExpertRouting), a radix sort over the ids' bits.
+- :func:`gather_dot`: the u-side dot products of the expert compute, one per pair, in expert
+  order (consecutive pairs reuse a table row), written straight to slot order.
+- :func:`adamw_rows`: the row-sparse AdamW of the expert tables (peer_dist.train.sparse_tables)
+  in one pass over each touched row instead of a gather, seven elementwise passes and a scatter.
 
-The library is compiled on first use with the system's C compiler (``$CC``, else ``cc``
-or ``gcc``) into a cache folder (``$PEER_DIST_CACHE``, else ``$XDG_CACHE_HOME/peer_dist``,
-else ``~/.cache/peer_dist``), named by a hash of the source, the flags and the machine
-type, and moved into place atomically, so concurrent ranks never see a half-written
-file. ``python -m peer_dist.native`` builds it ahead of time (launch/setup.sh does).
-Without a compiler the callers fall back to torch (same results, slower) after one
-warning; ``PEER_DIST_NATIVE=0`` selects the torch path on purpose.
+The bag-sums and the table gradients' segment sums stay with ATen's ``embedding_bag``: C
+loops in expert order measured no faster.
 
-Rows are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL);
-rows are independent, so results do not depend on the thread count.
+The library is compiled on first use with the system's C compiler (``$CC``, else ``cc``,
+``gcc`` or ``clang``) into a cache folder (``$PEER_DIST_CACHE``, else
+``$XDG_CACHE_HOME/peer_dist``, else ``~/.cache/peer_dist``), named by a hash of the source,
+the flags and the machine type, and moved into place atomically, so concurrent ranks never
+see a half-written file. ``python -m peer_dist.native`` builds it ahead of time
+(launch/setup.sh does). Without a compiler the callers fall back to torch (same results up
+to rounding, slower) after one warning; ``PEER_DIST_NATIVE=0`` (or :func:`disabled`)
+selects the torch path on purpose.
+
+Rows are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL); no
+kernel's result depends on the split.
 """
 
 from __future__ import annotations
@@ -129,6 +132,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.peer_topk_rows_f32.restype = ctypes.c_int
     lib.peer_topk_rows_f32.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64]
+    lib.peer_scores_topk_f32.restype = ctypes.c_int
+    lib.peer_scores_topk_f32.argtypes = [_PTR, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64]
     lib.peer_adamw_rows_f32.restype = None
     lib.peer_argsort_ids.restype = ctypes.c_int
     lib.peer_gather_dot_f32.restype = None
@@ -193,6 +198,33 @@ def topk(x_RC: Tensor, k: int) -> tuple[Tensor, Tensor]:
             raise MemoryError(f"native topk: no memory for a scratch row of {cols} values")
 
     _over_rows(rows, num_rows, cols)
+    return values_RK, ids_RK
+
+
+def scores_topk(q_RC: Tensor, keys_SC: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Sorted top-``k`` of the scores q . key for every query row, without the (R, S) score matrix.
+
+    ``q_RC``: (R, C) fp32 CPU queries (rows may be strided); ``keys_SC``: (S, C) keys. Returns
+    (values (R, k), int64 key indices (R, k)), as ``(q_RC @ keys_SC.T).topk(k)`` up to the
+    rounding of the dot products. Not differentiable. Check :func:`topk_available` on ``q_RC``.
+    """
+    lib = _library()
+    num_rows, dim = q_RC.shape
+    cols = keys_SC.shape[0]
+    if not 1 <= k <= cols or lib is None or keys_SC.shape[1] != dim:
+        raise ValueError(f"scores_topk needs (R, C) queries, (S, C) keys, 1 <= k <= S, got {tuple(q_RC.shape)}, "
+                         f"{tuple(keys_SC.shape)}, k = {k}")
+    keys_t = keys_SC.detach().t().contiguous().to(torch.float32)
+    q_RC = q_RC.detach()
+    values_RK = torch.empty(num_rows, k, dtype=torch.float32)
+    ids_RK = torch.empty(num_rows, k, dtype=torch.int64)
+    args = (q_RC.data_ptr(), q_RC.stride(0), keys_t.data_ptr(), dim, cols, k, values_RK.data_ptr(), ids_RK.data_ptr())
+
+    def rows(begin: int, end: int) -> None:
+        if lib.peer_scores_topk_f32(*args, begin, end) != 0:
+            raise MemoryError(f"native scores_topk: no memory for a scratch row of {cols} values")
+
+    _over_rows(rows, num_rows, cols * dim)
     return values_RK, ids_RK
 
 

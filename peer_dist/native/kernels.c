@@ -121,29 +121,68 @@ static void row_topk_threshold(const float *p, int64_t cols, int64_t k, float *v
     }
 }
 
+/* Scratch rows for the threshold path: values and columns of up to `cols` candidates. */
+typedef struct {
+    float *values;
+    int64_t *columns;
+} candidates_t;
+
+static int candidates_alloc(candidates_t *c, int64_t cols) {
+    c->values = malloc((size_t)cols * sizeof(float));
+    c->columns = malloc((size_t)cols * sizeof(int64_t));
+    return c->values && c->columns;
+}
+
+static void candidates_free(candidates_t *c) {
+    free(c->values);
+    free(c->columns);
+}
+
+static inline void row_topk(const float *p, int64_t cols, int64_t k, float *v, int64_t *id, candidates_t *c) {
+    if (k <= MAX_LANES && cols >= 2 * k) row_topk_threshold(p, cols, k, v, id, c->values, c->columns);
+    else row_topk_insertion(p, cols, k, v, id);
+}
+
 /* Top-k of each row of x (float32, rows of `cols` values, `ld` apart), sorted descending: values
  * into out_v and column indices into out_i (k per row, contiguous). Returns 0, or -1 when the
  * scratch buffer could not be allocated (nothing written). */
-PEER_KERNEL int peer_topk_rows_f32(const float *x, int64_t cols, int64_t ld, int64_t k, float *out_v, int64_t *out_i,
-                       int64_t row_begin, int64_t row_end) {
-    int threshold = k <= MAX_LANES && cols >= 2 * k;
-    float *bv = NULL;
-    int64_t *bi = NULL;
-    if (threshold) {
-        bv = malloc((size_t)cols * sizeof(float));
-        bi = malloc((size_t)cols * sizeof(int64_t));
-        if (!bv || !bi) {
-            free(bv);
-            free(bi);
-            return -1;
-        }
+PEER_KERNEL int peer_topk_rows_f32(const float *x, int64_t cols, int64_t ld, int64_t k, float *out_v,
+                                   int64_t *out_i, int64_t row_begin, int64_t row_end) {
+    candidates_t c = {NULL, NULL};
+    if (!candidates_alloc(&c, cols)) {
+        candidates_free(&c);
+        return -1;
+    }
+    for (int64_t r = row_begin; r < row_end; ++r) row_topk(x + r * ld, cols, k, out_v + r * k, out_i + r * k, &c);
+    candidates_free(&c);
+    return 0;
+}
+
+/* Sub-key retrieval fused: for each query row q (dim values, `ldq` apart) the scores
+ * q . key_s of all `cols` keys (keys_t: dim x cols, the keys transposed) into one cached row,
+ * then its sorted top-k as peer_topk_rows_f32. Never writes the (rows x cols) score matrix.
+ * Each score sums q[c] * key[c] for c ascending. Returns 0, or -1 without scratch memory. */
+PEER_KERNEL int peer_scores_topk_f32(const float *q, int64_t ldq, const float *keys_t, int64_t dim, int64_t cols,
+                                     int64_t k, float *out_v, int64_t *out_i, int64_t row_begin, int64_t row_end) {
+    candidates_t c = {NULL, NULL};
+    float *scores = malloc((size_t)cols * sizeof(float));
+    if (!scores || !candidates_alloc(&c, cols)) {
+        free(scores);
+        candidates_free(&c);
+        return -1;
     }
     for (int64_t r = row_begin; r < row_end; ++r) {
-        if (threshold) row_topk_threshold(x + r * ld, cols, k, out_v + r * k, out_i + r * k, bv, bi);
-        else row_topk_insertion(x + r * ld, cols, k, out_v + r * k, out_i + r * k);
+        const float *qr = q + r * ldq;
+        for (int64_t s = 0; s < cols; ++s) scores[s] = 0.0f;
+        for (int64_t d = 0; d < dim; ++d) {
+            float a = qr[d];
+            const float *kd = keys_t + d * cols;
+            for (int64_t s = 0; s < cols; ++s) scores[s] += a * kd[s];
+        }
+        row_topk(scores, cols, k, out_v + r * k, out_i + r * k, &c);
     }
-    free(bv);
-    free(bi);
+    free(scores);
+    candidates_free(&c);
     return 0;
 }
 
