@@ -77,6 +77,9 @@ def product_key_topk(queries_THQ: Tensor, sub_keys_2SC: Tensor, topk: int) -> tu
         side_scores.append(top_scores_RK)
         side_ids.append(top_ids_RK)
     rank_a, rank_b = _candidate_rank_tensors(topk, queries_THQ.device)
+    if native.topk_available(side_scores[0]) and side_scores[1].dtype == torch.float32:
+        scores_RK, ids_RK = CandidateTopK.apply(*side_scores, *side_ids, rank_a, rank_b, topk, num_sub)
+        return scores_RK.view(num_tokens, heads, topk), ids_RK.view(num_tokens, heads, topk)
     cand_RM = side_scores[0].index_select(1, rank_a) + side_scores[1].index_select(1, rank_b)
     scores_RK, pos_RK = sorted_topk(cand_RM, topk)
     a_RK = side_ids[0].gather(1, rank_a[pos_RK])
@@ -96,6 +99,33 @@ def sorted_topk(x_RC: Tensor, topk: int) -> tuple[Tensor, Tensor]:
     if x_RC.requires_grad and torch.is_grad_enabled():
         values_RK = x_RC.gather(1, ids_RK)
     return values_RK, ids_RK
+
+
+class CandidateTopK(torch.autograd.Function):
+    """The candidate stage of :func:`product_key_topk` on the CPU in one C loop per row
+    (peer_dist.native.candidates_topk): the M candidate sums, their sorted top-K, the global ids.
+
+    Backward: a winner's score is side_a[i] + side_b[j], so its gradient goes to both ranks:
+        grad_a[r, i] += g[r, k],   grad_b[r, j] += g[r, k]
+    """
+
+    @staticmethod
+    def forward(ctx: Any, scores_a_RK: Tensor, scores_b_RK: Tensor, ids_a_RK: Tensor, ids_b_RK: Tensor,
+                rank_a_M: Tensor, rank_b_M: Tensor, topk: int, num_sub: int) -> tuple[Tensor, Tensor]:
+        scores_RK, ids_RK, ranks_a_RK, ranks_b_RK = native.candidates_topk(
+            scores_a_RK, scores_b_RK, ids_a_RK, ids_b_RK, rank_a_M, rank_b_M, topk, num_sub)
+        ctx.save_for_backward(ranks_a_RK, ranks_b_RK)
+        ctx.side_shape = scores_a_RK.shape
+        ctx.mark_non_differentiable(ids_RK)
+        return scores_RK, ids_RK
+
+    @staticmethod
+    def backward(ctx: Any, grad_scores_RK: Tensor, _grad_ids: Tensor | None) -> tuple[Tensor | None, ...]:
+        ranks_a_RK, ranks_b_RK = ctx.saved_tensors
+        grad_scores_RK = grad_scores_RK.contiguous()
+        grad_a = grad_scores_RK.new_zeros(ctx.side_shape).scatter_add_(1, ranks_a_RK, grad_scores_RK)
+        grad_b = grad_scores_RK.new_zeros(ctx.side_shape).scatter_add_(1, ranks_b_RK, grad_scores_RK)
+        return grad_a, grad_b, None, None, None, None, None, None
 
 
 class SubKeyTopK(torch.autograd.Function):

@@ -7,6 +7,8 @@
   and ranks them, in branch-free loops the compiler vectorises: 4x faster.
 - :func:`scores_topk`: the sub-key scores and their top-k in one loop per query, without the
   (rows, n) score matrix; used from n = 512 (faster there, not at 256).
+- :func:`candidates_topk`: the last step of retrieval, the candidate pairs' summed scores,
+  their top-k and the composite ids in one loop per row.
 - :func:`argsort_ids`: the stable argsort that groups a layer call's (token, expert) pairs by
   expert (peer_dist.model.expert_ops.ExpertRouting), a radix sort over the ids' bits.
 - :func:`gather_dot`: the u-side dot products of the expert compute, one per pair, in expert
@@ -134,6 +136,8 @@ def _library() -> ctypes.CDLL | None:
     lib.peer_topk_rows_f32.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64]
     lib.peer_scores_topk_f32.restype = ctypes.c_int
     lib.peer_scores_topk_f32.argtypes = [_PTR, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64]
+    lib.peer_candidates_topk_f32.restype = ctypes.c_int
+    lib.peer_candidates_topk_f32.argtypes = [_PTR] * 4 + [_I64, _PTR, _PTR] + [_I64] * 3 + [_PTR] * 4 + [_I64, _I64]
     lib.peer_adamw_rows_f32.restype = None
     lib.peer_argsort_ids.restype = ctypes.c_int
     lib.peer_gather_dot_f32.restype = None
@@ -226,6 +230,32 @@ def scores_topk(q_RC: Tensor, keys_SC: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     _over_rows(rows, num_rows, cols * dim)
     return values_RK, ids_RK
+
+
+def candidates_topk(scores_a_RK: Tensor, scores_b_RK: Tensor, ids_a_RK: Tensor, ids_b_RK: Tensor,
+                    rank_a_M: Tensor, rank_b_M: Tensor, k: int, num_sub: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Product-key candidates to the final top-k, per row (see peer_dist.model.product_keys).
+
+    Inputs: each side's sorted top scores and sub-key ids (R, K) (contiguous fp32 / int64 CPU)
+    and the M candidate rank pairs. Returns (scores (R, k), global ids ida * num_sub + idb,
+    side-a ranks, side-b ranks), the ranks int64 (R, k). Not differentiable.
+    """
+    lib = _library()
+    if lib is None:
+        raise ValueError("candidates_topk needs the native library")
+    num_rows, side_k = scores_a_RK.shape
+    scores_RK = torch.empty(num_rows, k, dtype=torch.float32)
+    ids_RK, ranks_a_RK, ranks_b_RK = (torch.empty(num_rows, k, dtype=torch.int64) for _ in range(3))
+    tensors = (scores_a_RK.detach(), scores_b_RK.detach(), ids_a_RK, ids_b_RK)
+    args = (*(t.data_ptr() for t in tensors), side_k, rank_a_M.data_ptr(), rank_b_M.data_ptr(), rank_a_M.numel(), k,
+            num_sub, scores_RK.data_ptr(), ids_RK.data_ptr(), ranks_a_RK.data_ptr(), ranks_b_RK.data_ptr())
+
+    def rows(begin: int, end: int) -> None:
+        if lib.peer_candidates_topk_f32(*args, begin, end) != 0:
+            raise MemoryError("native candidates_topk: no memory for a scratch row")
+
+    _over_rows(rows, num_rows, rank_a_M.numel() * 4)
+    return scores_RK, ids_RK, ranks_a_RK, ranks_b_RK
 
 
 def adamw_rows_available(*tensors: Tensor) -> bool:

@@ -271,3 +271,37 @@ PEER_KERNEL void peer_gather_dot_f32(const float *rows, const float *table, cons
         out[slot[p]] = sum;
     }
 }
+
+/* The last step of product-key retrieval: per row, the m candidate pairs (rank_a[c], rank_b[c])
+ * of the two sides' sorted top lists (side_k entries each) score sa[rank_a[c]] + sb[rank_b[c]];
+ * their sorted top-k gives the scores (out_v), the global ids ida * num_sub + idb (out_id) and
+ * each winner's side ranks (out_ra, out_rb: where the backward sends its gradient). Returns 0,
+ * or -1 without scratch memory. */
+PEER_KERNEL int peer_candidates_topk_f32(const float *sa, const float *sb, const int64_t *ida, const int64_t *idb,
+                                         int64_t side_k, const int64_t *rank_a, const int64_t *rank_b, int64_t m,
+                                         int64_t k, int64_t num_sub, float *out_v, int64_t *out_id, int64_t *out_ra,
+                                         int64_t *out_rb, int64_t row_begin, int64_t row_end) {
+    candidates_t c = {NULL, NULL};
+    float *sums = malloc((size_t)m * sizeof(float));
+    if (!sums || !candidates_alloc(&c, m)) {
+        free(sums);
+        candidates_free(&c);
+        return -1;
+    }
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        const float *a = sa + r * side_k, *b = sb + r * side_k;
+        for (int64_t j = 0; j < m; ++j) sums[j] = a[rank_a[j]] + b[rank_b[j]];
+        float *v = out_v + r * k;
+        int64_t *pos = out_id + r * k;  /* candidate positions first, then overwritten by the ids */
+        row_topk(sums, m, k, v, pos, &c);
+        for (int64_t j = 0; j < k; ++j) {
+            int64_t i_a = rank_a[pos[j]], i_b = rank_b[pos[j]];
+            out_ra[r * k + j] = i_a;
+            out_rb[r * k + j] = i_b;
+            pos[j] = ida[r * side_k + i_a] * num_sub + idb[r * side_k + i_b];
+        }
+    }
+    free(sums);
+    candidates_free(&c);
+    return 0;
+}
