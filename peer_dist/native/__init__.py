@@ -170,9 +170,13 @@ def _over_rows(call: Callable[[int, int], None], num_rows: int, values_per_row: 
         call(0, num_rows)
         return
     bounds = [num_rows * t // threads for t in range(threads + 1)]
-    futures = [_POOL.get(threads).submit(call, bounds[t], bounds[t + 1]) for t in range(threads)]
-    for future in futures:
-        future.result()
+    # The calling thread takes the last share itself: threads - 1 pool threads, none idle.
+    futures = [_POOL.get(threads - 1).submit(call, bounds[t], bounds[t + 1]) for t in range(threads - 1)]
+    try:
+        call(bounds[-2], bounds[-1])
+    finally:
+        for future in futures:
+            future.result()
 
 
 def topk_available(x: Tensor) -> bool:
