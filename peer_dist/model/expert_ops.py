@@ -186,9 +186,29 @@ class RowGrad:
 
     def __init__(self) -> None:
         self.parts: list[tuple[Tensor, Tensor]] = []
+        # One (U, D) block per step can be written into a buffer kept across steps: on a CPU a
+        # fresh allocation of that size costs more in page faults than computing the rows.
+        self._workspace: Tensor | None = None
+        self._workspace_free = True
 
     def add(self, ids_U: Tensor, rows_UD: Tensor) -> None:
         self.parts.append((ids_U, rows_UD))
+
+    def buffer(self, num_rows: int, width: int) -> Tensor | None:
+        """A (num_rows, width) fp32 CPU buffer for the next block, reused across steps, or None
+        while the previous one is still lent (then allocate). The optimizer gives it back with
+        :meth:`release` once it has used the rows; until then the block stays valid."""
+        if not self._workspace_free:
+            return None
+        need = num_rows * width
+        if self._workspace is None or self._workspace.numel() < need:
+            self._workspace = torch.empty(need + need // 4, dtype=torch.float32)  # headroom: U varies per step
+        self._workspace_free = False
+        return self._workspace[:need].view(num_rows, width)
+
+    def release(self) -> None:
+        """The rows handed out by :meth:`buffer` are no longer needed (after the update, or a dropped step)."""
+        self._workspace_free = True
 
     def clear(self) -> None:
         self.parts = []
@@ -262,17 +282,25 @@ def bag_sum(weights_S: Tensor, table_ND: Tensor, routing: ExpertRouting) -> Tens
     return F.embedding_bag(routing.ids_S, table_ND, routing.offsets_T, per_sample_weights=weights_S, mode="sum")
 
 
-def grouped_segment_sum(rows_TD: Tensor, weights_S: Tensor, routing: ExpertRouting) -> Tensor:
+def grouped_segment_sum(rows_TD: Tensor, weights_S: Tensor, routing: ExpertRouting,
+                        sink: RowGrad | None = None) -> Tensor:
     """Table gradient rows of the distinct experts, (U, D) in ``routing.experts_U`` order:
 
         out[u] = sum over slots s with ids[s] == experts_U[u] of weights[s] * rows[row of s].
 
     Accumulates in at least fp32 (bf16 grads summed over thousands of slots would
     lose most bits) and returns that dtype. One output row per distinct expert,
-    written once (no atomics): deterministic.
+    written once (no atomics): deterministic. For a row-sparse table gradient (``sink``) on
+    fp32 CPU tensors: a C loop per expert (peer_dist.native.segment_sum) writing into the
+    sink's reused buffer when it lends one (elsewhere, e.g. the small sub-key tables,
+    ``embedding_bag`` is faster).
     """
+    weights_S = weights_S.reshape(-1)
+    if sink is not None and native.expert_order_available(rows_TD, weights_S):
+        out_UD = sink.buffer(routing.experts_U.numel(), rows_TD.shape[1])
+        return native.segment_sum(rows_TD, weights_S, routing.row_P, routing.slot_P, routing.group_start_U, out_UD)
     acc_dtype = torch.promote_types(rows_TD.dtype, torch.float32)
-    weights_P = weights_S.reshape(-1).index_select(0, routing.slot_P).to(acc_dtype)
+    weights_P = weights_S.index_select(0, routing.slot_P).to(acc_dtype)
     return F.embedding_bag(routing.row_P, rows_TD.to(acc_dtype), routing.group_start_U,
                            per_sample_weights=weights_P, mode="sum")
 
@@ -295,7 +323,7 @@ def _table_grad(rows_TD: Tensor, weights_S: Tensor, routing: ExpertRouting, tabl
     """The table's gradient: row-sparse into ``sink`` when the table has one, dense (N, D) if ``dense``."""
     if sink is None and not dense:
         return None
-    grouped_UD = grouped_segment_sum(rows_TD, weights_S, routing)
+    grouped_UD = grouped_segment_sum(rows_TD, weights_S, routing, sink)
     if sink is not None:
         sink.add(routing.experts_U, grouped_UD)
     return scatter_rows(grouped_UD, routing, table_ND.dtype) if dense else None

@@ -16,8 +16,10 @@
 - :func:`adamw_rows`: the row-sparse AdamW of the expert tables (peer_dist.train.sparse_tables)
   in one pass over each touched row instead of a gather, seven elementwise passes and a scatter.
 
-The bag-sums and the table gradients' segment sums stay with ATen's ``embedding_bag``: C
-loops in expert order measured no faster.
+- :func:`segment_sum`: the table gradients' rows, one per distinct expert, into a buffer the
+  table keeps across steps (a fresh allocation of that size costs more in page faults).
+
+The bag-sums stay with ATen's ``embedding_bag``: C loops in expert order measured slower.
 
 The library is compiled on first use with the system's C compiler (``$CC``, else ``cc``,
 ``gcc`` or ``clang``) into a cache folder (``$PEER_DIST_CACHE``, else
@@ -138,6 +140,8 @@ def _library() -> ctypes.CDLL | None:
     lib.peer_scores_topk_f32.argtypes = [_PTR, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64]
     lib.peer_candidates_topk_f32.restype = ctypes.c_int
     lib.peer_candidates_topk_f32.argtypes = [_PTR] * 4 + [_I64, _PTR, _PTR] + [_I64] * 3 + [_PTR] * 4 + [_I64, _I64]
+    lib.peer_segment_sum_f32.restype = None
+    lib.peer_segment_sum_f32.argtypes = [_PTR] * 5 + [_I64, _I64, _I64, _PTR, _I64, _I64]
     lib.peer_adamw_rows_f32.restype = None
     lib.peer_argsort_ids.restype = ctypes.c_int
     lib.peer_gather_dot_f32.restype = None
@@ -333,3 +337,24 @@ def expert_order_available(*tensors: Tensor) -> bool:
     return (enabled() and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
                               for t in tensors) and _library() is not None)
 
+
+
+def segment_sum(rows_TD: Tensor, weights_S: Tensor, row_P: Tensor, slot_P: Tensor, group_start_U: Tensor,
+                out_UD: Tensor | None = None) -> Tensor:
+    """out[u] = sum over the pairs p of group u of weights[slot_P[p]] * rows[row_P[p]], (U, D) fp32.
+
+    Group u holds the expert-sorted positions [group_start_U[u], group_start_U[u + 1]). Written
+    into ``out_UD`` when given (a reused buffer: a fresh (U, D) allocation costs more than the
+    sums on a CPU, in page faults). Not differentiable. Check :func:`expert_order_available`.
+    """
+    lib = _library()
+    if lib is None:
+        raise ValueError("segment_sum needs the native library")
+    num_groups, width, num_pairs = group_start_U.numel(), rows_TD.shape[1], row_P.numel()
+    if out_UD is None:
+        out_UD = torch.empty(num_groups, width, dtype=torch.float32)
+    ptrs = (rows_TD.data_ptr(), row_P.data_ptr(), slot_P.data_ptr(), weights_S.data_ptr(), group_start_U.data_ptr())
+    _over_rows(lambda begin, end: lib.peer_segment_sum_f32(*ptrs, num_groups, num_pairs, width, out_UD.data_ptr(),
+                                                           begin, end),
+               num_groups, max(1, num_pairs // max(num_groups, 1)) * width)
+    return out_UD

@@ -305,3 +305,22 @@ PEER_KERNEL int peer_candidates_topk_f32(const float *sa, const float *sb, const
     candidates_free(&c);
     return 0;
 }
+
+/* Segment sums per expert: out[u] = sum over the pairs p of group u (positions
+ * [start[u], start[u + 1]) of the expert-sorted pairs, the last group ending at num_pairs) of
+ * w[slot[p]] * rows[row[p]], for the groups [group_begin, group_end). One output row per distinct
+ * expert, accumulated in place and written once: no atomics, deterministic. */
+PEER_KERNEL void peer_segment_sum_f32(const float *rows, const int64_t *row, const int64_t *slot, const float *w,
+                                      const int64_t *start, int64_t num_groups, int64_t num_pairs, int64_t width,
+                                      float *out, int64_t group_begin, int64_t group_end) {
+    for (int64_t u = group_begin; u < group_end; ++u) {
+        float *o = out + u * width;
+        for (int64_t d = 0; d < width; ++d) o[d] = 0.0f;
+        int64_t end = u + 1 < num_groups ? start[u + 1] : num_pairs;
+        for (int64_t p = start[u]; p < end; ++p) {
+            float a = w[slot[p]];
+            const float *r = rows + row[p] * width;
+            for (int64_t d = 0; d < width; ++d) o[d] += a * r[d];
+        }
+    }
+}

@@ -147,6 +147,7 @@ class SparseTableAdamW:
         """Drop this step's gradients (a bad step, or before a rollback)."""
         for spec in self.tables:
             spec.param.row_grad.clear()
+            spec.param.row_grad.release()
         self._grads = [None] * len(self.tables)
 
     def touched_rows(self) -> list[Tensor]:
@@ -180,6 +181,8 @@ class SparseTableAdamW:
                     self._update_rows(spec.param, ids_U[start:end], rows_UD[start:end],
                                       None if scale_U is None else scale_U[start:end])
         self._grads = [None] * len(self.tables)
+        for spec in self.tables:
+            spec.param.row_grad.release()  # the backward may reuse its gradient buffer
 
     def set_step(self, step: int) -> None:
         """Learning rate for the 0-based optimizer step ``step`` (the trainer's schedule)."""
