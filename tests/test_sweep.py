@@ -127,6 +127,44 @@ def test_every_run_spends_its_budget_and_nothing_more(sweep: Path, tiny_data: Pa
     assert steps[("dense", "f128")] < steps[("dense", "f64")]
 
 
+def test_results_name_the_data_used_and_a_stated_train_loss_window(sweep: Path, tiny_data: Path) -> None:
+    from peer_dist.data import Manifest
+
+    manifest = Manifest.load(tiny_data)
+    md = (sweep / "results.md").read_text()
+    # data.path came from the command line: the spec's description ("test sweep") may name other
+    # data, so the title is the spec's name and the data line comes from the manifest used
+    assert md.startswith("# isoFLOP sweep: spec\n") and "test sweep" not in md
+    data_line = next(line for line in md.splitlines() if line.startswith("Data: "))
+    assert f"{tiny_data.name}: Python" in data_line and "standard library" in data_line
+    assert f"seq {manifest.seq_len}" in data_line and manifest.fingerprint[:12] in data_line
+    for row in _rows(sweep):  # log_interval = 1: the window's mean is a plain mean of its steps' losses
+        steps = int(row["steps"])
+        losses = {m["step"]: m["train/loss"] for m in read_metrics(sweep / "runs" / row["run_name"])
+                  if "train/loss" in m}
+        window = [losses[s] for s in range(steps - math.ceil(0.1 * steps) + 1, steps + 1)]
+        assert int(row["train_loss_steps"]) == len(window)
+        assert float(row["train_loss_last10pct"]) == pytest.approx(sum(window) / len(window), rel=1e-12)
+
+
+def test_train_loss_tail_weights_whole_intervals() -> None:
+    from peer_dist.sweep.results import train_loss_tail
+
+    # intervals (0,50], (50,100], (100,150], (150,200] and a last short one (200,204]
+    rows = [{"step": 50, "train/loss": 3.0}, {"step": 100, "train/loss": 2.0}, {"step": 150, "train/loss": 1.5},
+            {"step": 200, "train/loss": 1.4}, {"step": 204, "train/loss": 1.66}, {"step": 204, "val/loss": 1.7}]
+    # last 10 % of 204 steps: steps 184..204 -> the intervals ending at 200 (50 steps) and 204 (4 steps)
+    loss, steps = train_loss_tail(rows, 204)
+    assert steps == 54 and loss == pytest.approx((50 * 1.4 + 4 * 1.66) / 54)
+    # a fraction reaching into the previous interval takes it whole
+    loss, steps = train_loss_tail(rows, 204, fraction=0.3)  # from step 142 on
+    assert steps == 104 and loss == pytest.approx((50 * 1.5 + 50 * 1.4 + 4 * 1.66) / 104)
+    # a rollback's repeated step counts with its last row
+    loss, steps = train_loss_tail(rows + [{"step": 204, "train/loss": 1.0}], 204)
+    assert loss == pytest.approx((50 * 1.4 + 4 * 1.0) / 54)
+    assert train_loss_tail([{"step": 3, "val/loss": 2.0}], 3) == (None, None)
+
+
 def test_sweep_run_equals_a_plain_train_of_its_config(sweep: Path, tmp_path: Path) -> None:
     name = "b1.2e9-peer-n32"
     run_cli(["train", "--config", str(sweep / "configs" / f"{name}.toml"), f"run.dir={tmp_path}"])

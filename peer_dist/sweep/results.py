@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peer_dist.errors import UserError
 from peer_dist.fileio import fsync_path, write_atomic
 from peer_dist.sweep.plan import PlannedRun, human
 from peer_dist.sweep.spec import flops_text
@@ -25,7 +26,7 @@ from peer_dist.sweep.spec import flops_text
 CSV_COLUMNS = (
     "budget", "method", "size", "run_name", "ffn", "status", "params_total", "params_active", "num_experts",
     "slots_per_token", "flops_per_token", "global_batch", "seq_len", "tokens_per_step", "steps", "tokens", "flops",
-    "val_loss", "val_perplexity", "train_loss", "expert_layers", "expert_usage", "unevenness_kl", "wall_s",
+    "val_loss", "val_perplexity", "train_loss_last10pct", "train_loss_steps", "expert_layers", "expert_usage", "unevenness_kl", "wall_s",
 )
 
 
@@ -37,7 +38,10 @@ class RunResult:
     status: str  # "done", "pending", "partial (step s of S)", "failed (exit N)", ...
     val_loss: float | None = None
     val_perplexity: float | None = None
+    # Mean per-step training loss over the last TRAIN_LOSS_FRACTION of the run's steps (whole logged
+    # intervals that end inside it, weighted by their steps), and how many steps that mean covers.
     train_loss: float | None = None
+    train_loss_steps: int | None = None
     # {layer: {"expert_usage": u, "unevenness_kl": kl}} from the final validation row (PEER/PKM layers)
     experts: dict[str, dict[str, float]] = field(default_factory=dict)
     wall_s: float | None = None  # summed over the sweep's attempts at this run
@@ -75,6 +79,39 @@ def final_validation(run_dir: Path, step: int, rows: list[dict[str, Any]] | None
     return matches[-1] if matches else None
 
 
+TRAIN_LOSS_FRACTION = 0.1  # results.csv's train_loss_last10pct: the last 10 % of the steps
+
+
+def train_loss_tail(rows: list[dict[str, Any]], steps: int,
+                    fraction: float = TRAIN_LOSS_FRACTION) -> tuple[float | None, int | None]:
+    """Mean per-step training loss over the last ``fraction`` of ``steps``, and the steps it covers.
+
+    Each ``train/loss`` row is the mean over the steps since the previous logged row, so
+    a row at step s after one at step p stands for s - p steps. Every interval that ends
+    after step ``steps - ceil(fraction * steps)`` is taken whole (an interval is never
+    cut: its per-step losses are not logged), weighted by its length::
+
+        loss = sum_i (s_i - p_i) * loss_i / sum_i (s_i - p_i)
+
+    A step logged twice (a rollback trained it again) counts with its last row.
+    """
+    last: dict[int, float] = {}
+    for row in rows:
+        if "train/loss" in row and isinstance(row.get("step"), int) and row["step"] <= steps:
+            last[row["step"]] = float(row["train/loss"])
+    start = steps - math.ceil(fraction * steps)
+    total = weight = 0.0
+    previous = 0
+    for step in sorted(last):
+        if step > start:
+            total += (step - previous) * last[step]
+            weight += step - previous
+        previous = step
+    if weight == 0:
+        return None, None
+    return total / weight, int(weight)
+
+
 def result_from_folder(run: PlannedRun, status: str, wall_s: float | None) -> RunResult:
     result = RunResult(run, status, wall_s=wall_s)
     if status != "done":
@@ -85,8 +122,7 @@ def result_from_folder(run: PlannedRun, status: str, wall_s: float | None) -> Ru
         result.status = "partial (no final validation)"
         return result
     result.val_loss, result.val_perplexity = float(row["val/loss"]), float(row["val/perplexity"])
-    train = [r["train/loss"] for r in rows if "train/loss" in r and r["step"] == run.steps]
-    result.train_loss = float(train[-1]) if train else None
+    result.train_loss, result.train_loss_steps = train_loss_tail(rows, run.steps)
     for key, value in row.items():
         if key.startswith("experts/"):
             _, layer, metric = key.split("/", 2)
@@ -97,13 +133,37 @@ def result_from_folder(run: PlannedRun, status: str, wall_s: float | None) -> Ru
 # ---------------------------------------------------------------------------- writing
 
 
-def write_results(output: Path, results: Sequence[RunResult], title: str) -> list[Path]:
-    """results.csv, results.md and (with at least one finished run) isoflop.png in ``output``."""
+def describe_data(path: str) -> str:
+    """One line naming a prepared data folder from its manifest: what the runs really trained on."""
+    from peer_dist.data import Manifest
+
+    try:
+        manifest = Manifest.load(path)
+    except UserError as exc:
+        return f"{path} (manifest unreadable: {exc})"
+    corpus = manifest.info.get("corpus", {})
+    if corpus.get("default_stdlib"):
+        source = f"Python {corpus.get('python', '')} standard library source".replace("Python  ", "Python ")
+    else:
+        inputs = [Path(str(i)).name or str(i) for i in corpus.get("inputs", [])]
+        source = ", ".join(inputs[:3]) + (f" +{len(inputs) - 3} more" if len(inputs) > 3 else "") or "?"
+    if corpus.get("truncated"):
+        source += " (cut by --max-bytes)"
+    train_tokens = manifest.info["splits"]["train"]["tokens"]
+    return (f"{Path(path).name}: {source}, {manifest.tokenizer} tokenizer, seq {manifest.seq_len}, "
+            f"{human(train_tokens)} train tokens, fingerprint {manifest.fingerprint[:12]}")
+
+
+def write_results(output: Path, results: Sequence[RunResult], title: str, data: Sequence[str] = ()) -> list[Path]:
+    """results.csv, results.md and (with at least one finished run) isoflop.png in ``output``.
+
+    ``data``: one line per data folder the runs use (:func:`describe_data`), shown under the title.
+    """
     written = [output / "results.csv", output / "results.md"]
     write_atomic(written[0], format_csv(results))
-    write_atomic(written[1], format_markdown(results, title))
+    write_atomic(written[1], format_markdown(results, title, data))
     if any(r.done for r in results):
-        plot_isoflop(results, output / "isoflop.png", title)
+        plot_isoflop(results, output / "isoflop.png", title, data)
         written.append(output / "isoflop.png")
     return written
 
@@ -124,7 +184,7 @@ def format_csv(results: Sequence[RunResult]) -> str:
             _num(r.budget), r.method, r.size, r.name, r.ffn, res.status, r.params_total, r.params_active,
             _num(r.num_experts), _num(r.slots_per_token), _num(r.flops_per_token), r.global_batch, r.seq_len,
             r.tokens_per_step, r.steps, r.tokens, _num(r.flops), _num(res.val_loss), _num(res.val_perplexity),
-            _num(res.train_loss), len(res.experts) if res.experts else "", _num(res.mean_expert("expert_usage")),
+            _num(res.train_loss), _num(res.train_loss_steps), len(res.experts) if res.experts else "", _num(res.mean_expert("expert_usage")),
             _num(res.mean_expert("unevenness_kl")), _num(None if res.wall_s is None else round(res.wall_s, 1)),
         ])
     return buf.getvalue()
@@ -153,8 +213,10 @@ def best_per_method(results: Sequence[RunResult]) -> dict[tuple[float, str], Run
     return best
 
 
-def format_markdown(results: Sequence[RunResult], title: str) -> str:
+def format_markdown(results: Sequence[RunResult], title: str, data: Sequence[str] = ()) -> str:
     lines = [f"# isoFLOP sweep: {title}", ""]
+    lines += [f"Data: {line}" + ("  " if i < len(data) - 1 else "") for i, line in enumerate(data)]
+    lines += [""] if data else []
     done = sum(r.done for r in results)
     lines += [f"{done} of {len(results)} runs finished. Perplexity: validation, at the end of training. "
               "FLOPs: training (forward + backward) FLOPs per token, peer_dist/model/flops.py.", ""]
@@ -214,7 +276,7 @@ def _usage_section(results: Sequence[RunResult]) -> list[str]:
     return lines + [""]
 
 
-def plot_isoflop(results: Sequence[RunResult], path: Path, title: str) -> None:
+def plot_isoflop(results: Sequence[RunResult], path: Path, title: str, data: Sequence[str] = ()) -> None:
     """Paper Figure 1: validation perplexity vs total parameters (log x), a line per method, a panel per budget."""
     from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state (renders with Agg)
 
@@ -236,7 +298,9 @@ def plot_isoflop(results: Sequence[RunResult], path: Path, title: str) -> None:
         ax.set_title(f"{flops_text(budget)} FLOPs")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(textwrap.fill(f"isoFLOP: {title}", width=55 * len(budgets)), fontsize="medium")
+    heading = "\n".join([textwrap.fill(f"isoFLOP: {title}", width=55 * len(budgets))]
+                        + [textwrap.fill(f"data: {line}", width=70 * len(budgets)) for line in data])
+    fig.suptitle(heading, fontsize="medium")
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fig.savefig(fh, format="png", dpi=120)

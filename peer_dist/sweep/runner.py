@@ -37,7 +37,8 @@ from peer_dist.config import dump_toml
 from peer_dist.errors import CheckpointError, UserError
 from peer_dist.fileio import write_atomic
 from peer_dist.sweep.plan import Launch, PlannedRun, format_plan
-from peer_dist.sweep.results import RunResult, final_validation, result_from_folder, write_results
+from peer_dist.sweep.results import (RunResult, describe_data, final_validation, result_from_folder,
+                                     write_results)
 from peer_dist.sweep.spec import SweepSpec
 
 EXIT_PREEMPTED = 75  # as the trainer's (peer_dist/train/signals.py): rerun the same command to continue
@@ -254,7 +255,8 @@ class SweepRunner:
         return out
 
     def write_results(self) -> list[Path]:
-        return write_results(self.output, self.results(), self.spec.description or self.spec.path.stem)
+        data = [describe_data(path) for path in dict.fromkeys(run.cfg.data.path for run in self.runs)]
+        return write_results(self.output, self.results(), self.spec.description or self.spec.path.stem, data)
 
 
 def _status_text(run: PlannedRun, state: RunState, attempts: list[dict[str, Any]]) -> str:

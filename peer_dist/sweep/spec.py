@@ -123,7 +123,11 @@ def with_overrides(spec: SweepSpec, pairs: list[str]) -> SweepSpec:
         if not sep or not key:
             raise ConfigError(f"override {pair!r} is not key=value (e.g. data.path=data/my-corpus)")
         extra[key.strip()] = value  # a string: load_config parses it like a `train` override
-    spec = replace(spec, overrides={**spec.overrides, **extra})
+    description = spec.description
+    if "data.path" in extra and str(extra["data.path"]) != str(spec.overrides.get("data.path")):
+        # The description may name the spec's own data; the results name the data used (its manifest).
+        description = ""
+    spec = replace(spec, overrides={**spec.overrides, **extra}, description=description)
     _check_owned_keys(spec, f"sweep spec {spec.path} with the command-line overrides")
     return spec
 
