@@ -132,7 +132,8 @@ def test_tuning_split_is_apart_from_validation_and_training(tmp_path: Path) -> N
     # to whole documents, the last one cut where the split's tail did not fill a sample
     docs = {s: _docs_of(rows[s].reshape(-1)) for s in rows}
     whole = {s: set(d) for s, (d, _) in docs.items()}
-    assert not whole["tune"] & whole["val"] and not whole["tune"] & whole["train"] and not whole["val"] & whole["train"]
+    assert not whole["tune"] & whole["val"] and not whole["tune"] & whole["train"]
+    assert not whole["val"] & whole["train"]
     assert all(len(whole[s]) >= 3 for s in whole)
     assert set(corpus) - whole["train"] - whole["val"] - whole["tune"] == \
         {d for d in corpus if any(d.startswith(tail) and tail for _, tail in docs.values())}
