@@ -291,11 +291,11 @@ def test_bad_command_line_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs" / "sweeps").glob("*.toml")), ids=lambda p: p.stem)
-def test_presets_plan(preset: Path, tiny_data: Path, tmp_path: Path) -> None:
-    # Every shipped preset plans (configs validate, budgets buy enough steps) on the
-    # default corpus's sequence length; --dry-run writes nothing.
-    proc = _sweep(preset, tmp_path / "out", f"data.path={tiny_data}", "--dry-run")
-    assert "runs," in proc.stdout and "conflict" not in proc.stderr
+def test_presets_plan(preset: Path, tuned_data: Path, tmp_path: Path) -> None:
+    # Every shipped preset plans (configs validate, budgets buy enough steps) on the default
+    # corpus with a tuning split (isoflop.toml's grid needs one); --dry-run writes nothing.
+    proc = _sweep(preset, tmp_path / "out", f"data.path={tuned_data}", "--dry-run")
+    assert re.search(r"\d+ runs( \(\d+ tuning\))?,", proc.stdout) and "conflict" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -463,17 +463,6 @@ sizes = [
 overrides = {{ model.ffn = "peer", model.peer = {{ heads = 2, topk = 4, d_key = 16, num_experts = 256 }} }}
 sizes = [ {{ name = "f64", model.d_ff = 64 }} ]
 """
-
-
-@pytest.fixture(scope="module")
-def tuned_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny corpus with a tuning split."""
-    from peer_dist.data import prepare
-
-    out = tmp_path_factory.mktemp("data") / "stdlib-tiny-tune"
-    prepare([], out, tokenizer="byte", seq_len=32, samples_per_shard=64, val_fraction=0.1, seed=0,
-            max_bytes=200_000, tune_fraction=0.1)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -262,7 +262,8 @@ class SweepRunner:
             return EXIT_RUN_FAILED
         if code == 0:
             row = final_validation(run.run_dir, run.steps) or {}
-            print(f"{tag}: done in {wall:.0f} s, validation perplexity {row.get('val/perplexity', float('nan')):.3f}",
+            split = "tuning-split" if run.stage == "tune" else "validation"
+            print(f"{tag}: done in {wall:.0f} s, {split} perplexity {row.get('val/perplexity', float('nan')):.3f}",
                   flush=True)
         elif code != EXIT_PREEMPTED:
             print(f"{tag}: FAILED (exit {code}) after {wall:.0f} s; last lines of {log_path}:\n"
