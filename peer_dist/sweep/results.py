@@ -426,7 +426,8 @@ def plot_isoflop(results: Sequence[RunResult], path: Path, title: str, data: Seq
         ax.set_ylabel("validation perplexity")
         ax.set_title(f"{flops_text(budget)} FLOPs  (★ minimum: filled = bracketed)", fontsize="small")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a budget without a finished run has no line yet
+            ax.legend()
     heading = "\n".join([textwrap.fill(f"isoFLOP: {title}", width=55 * len(budgets))]
                         + [textwrap.fill(f"data: {line}", width=70 * len(budgets)) for line in data])
     fig.suptitle(heading, fontsize="medium")
