@@ -22,6 +22,7 @@ def _prepare(args: argparse.Namespace) -> int:
         max_bytes=args.max_bytes, overwrite=args.overwrite, text_field=args.text_field, bad_record=args.bad_record,
         workers=args.workers, tokenizer_file=args.tokenizer_file, tokenizer_sample_bytes=args.tokenizer_sample_bytes,
         chunk_bytes=args.chunk_bytes, part=args.part, num_parts=args.num_parts, progress=not args.no_progress,
+        tune_fraction=args.tune_fraction,
     )
     if manifest is None:
         print(f"prepared part {args.part} of {args.num_parts} into {args.output}; when every part is done: "
@@ -77,7 +78,7 @@ def _eval(args: argparse.Namespace) -> int:
     from peer_dist.train.evaluation import run_eval
 
     run_eval(args.checkpoint, data_path=args.data, batch_size=args.batch_size, max_batches=args.batches,
-             device=args.device)
+             device=args.device, split=args.split)
     return 0
 
 
@@ -136,6 +137,9 @@ def _prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training sample")
     p.add_argument("--samples-per-shard", type=int, default=1024)
     p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--tune-fraction", type=float, default=0.0,
+                   help="a third split, 'tune', for choosing hyperparameters (data.eval_split = \"tune\"); its "
+                        "pieces come out of train, validation stays as without it (default 0: none)")
     p.add_argument("--max-bytes", type=int, default=None, help="cap on the corpus size in bytes of text")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (the output is the same for any)")
     p.add_argument("--chunk-bytes", type=int, default=64 << 20,
@@ -212,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="prepared data folder (default: the one the run trained on)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--batches", type=int, default=None, help="validation batches per rank (default: all)")
+    p.add_argument("--split", choices=("val", "tune"), default="val",
+                   help="evaluate on the validation split (default) or the tuning split (--tune-fraction)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_eval)
 

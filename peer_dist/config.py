@@ -111,6 +111,9 @@ class DataConfig:
     verify: bool | str = _choice(True, (True, False, "upfront"))
     read_retries: int = _at_least(3, 0)  # re-reads of a shard whose read failed (remote: dropped connection)
     retry_wait_s: float = _at_least(0.5, 0.0)  # wait before the first retry, doubled for each further one
+    # What validation (the val/* metrics) evaluates on: the validation split, or the tuning split of data
+    # prepared with --tune-fraction (hyperparameter search kept apart from the reported split).
+    eval_split: str = _choice("val", ("val", "tune"))
 
 
 @dataclass
@@ -521,6 +524,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 RESUME_SAFE_KEYS = (
     "run", "train.max_steps", "train.log_interval", "train.eval_interval", "train.eval_batches",
     "train.ckpt_interval", "train.ckpt_keep", "train.async_save", "train.progress", "train.peak_flops", "train.collective_timeout_s", "data.num_workers", "data.verify", "data.path",
+    "data.eval_split",
     "parallel",  # the layout is checked against the checkpoint's separately (resharding decides)
     "guard", "faults", "data.read_retries", "data.retry_wait_s",
     # How the global batch is split may change (elastic resume); the global batch itself is checked.

@@ -22,3 +22,14 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prepare([], out, tokenizer="byte", seq_len=32, samples_per_shard=64, val_fraction=0.1, seed=0,
             max_bytes=200_000)
     return out
+
+
+@pytest.fixture(scope="session")
+def tuned_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny data set of ``tiny_data`` with a tuning split (--tune-fraction 0.1) beside validation."""
+    from peer_dist.data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "stdlib-tiny-tune"
+    prepare([], out, tokenizer="byte", seq_len=32, samples_per_shard=64, val_fraction=0.1, seed=0,
+            max_bytes=200_000, tune_fraction=0.1)
+    return out

@@ -72,17 +72,20 @@ def test_byte_tokenizer_round_trip() -> None:
     np.testing.assert_array_equal(tok.encode_array(text), ids)
 
 
-def _reference_rows(docs: list[str], seq_len: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """The documented split, re-implemented: byte tokens + EOT per document, 8-sample pieces, blake2b rule."""
+def _reference_rows(docs: list[str], seq_len: int, val_fraction: float, seed: int,
+                    tune_fraction: float = 0.0) -> dict[str, np.ndarray]:
+    """The documented split, re-implemented: byte tokens + EOT per document, 8-sample pieces, blake2b rule
+    (u < val_fraction: val; val_fraction <= u < val_fraction + tune_fraction: tune; else train)."""
     piece = 8 * (seq_len + 1)
-    streams: dict[str, list[int]] = {"train": [], "val": []}
+    streams: dict[str, list[int]] = {"train": [], "val": [], "tune": []}
     for doc in docs:
         tokens = [*doc.encode("utf-8"), EOT]
         key = hashlib.sha256(doc.encode("utf-8")).digest()
         for p, start in enumerate(range(0, len(tokens), piece)):
             data = seed.to_bytes(8, "little", signed=True) + key + p.to_bytes(8, "little")
             u = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") / 2 ** 64
-            streams["val" if val_fraction > 0 and u < val_fraction else "train"] += tokens[start: start + piece]
+            split = "val" if u < val_fraction else "tune" if u < val_fraction + tune_fraction else "train"
+            streams[split] += tokens[start: start + piece]
     rows = {}
     for split, stream in streams.items():
         n = len(stream) // (seq_len + 1)
@@ -104,6 +107,74 @@ def test_samples_follow_the_documented_hash_split(tmp_path: Path) -> None:
         assert all(r.dtype == np.uint16 and r.shape == (seq_len + 1,) for r in rows)
         np.testing.assert_array_equal(np.stack(rows).astype(np.int64), expected[split])
     assert 0 < len(expected["val"]) < len(expected["train"])
+
+
+def test_tuning_split_is_apart_from_validation_and_training(tmp_path: Path) -> None:
+    corpus = _write_corpus(tmp_path / "text", n_docs=80)
+    seq_len = 64  # a piece (8 samples, 520 tokens) holds any of these documents whole
+    assert max(len(d.encode()) for d in corpus) < 8 * (seq_len + 1)
+    plain = prepare([str(tmp_path / "text")], tmp_path / "plain", seq_len=seq_len, samples_per_shard=8,
+                    val_fraction=0.2, seed=3)
+    m = prepare([str(tmp_path / "text")], tmp_path / "out", seq_len=seq_len, samples_per_shard=8,
+                val_fraction=0.2, seed=3, tune_fraction=0.15)
+    # recorded in the manifest, with the split's shards and counts
+    assert m.info["split"] == {"mode": "hash", "val_fraction": 0.2, "tune_fraction": 0.15, "seed": 3,
+                               "piece_tokens": 8 * (seq_len + 1)}
+    assert m.splits == ("train", "val", "tune") and plain.splits == ("train", "val")
+    expected = _reference_rows(corpus, seq_len, 0.2, 3, tune_fraction=0.15)
+    rows = {}
+    for split in ("train", "val", "tune"):
+        got, _ = _read_split(tmp_path / "out", split)
+        rows[split] = np.stack(got).astype(np.int64)
+        np.testing.assert_array_equal(rows[split], expected[split])
+        assert m.num_samples(split) == len(rows[split]) > 0
+    # disjoint: every document (distinct: "doc NN: ...") is whole in one split; a split's samples decode
+    # to whole documents, the last one cut where the split's tail did not fill a sample
+    docs = {s: _docs_of(rows[s].reshape(-1)) for s in rows}
+    whole = {s: set(d) for s, (d, _) in docs.items()}
+    assert not whole["tune"] & whole["val"] and not whole["tune"] & whole["train"]
+    assert not whole["val"] & whole["train"]
+    assert all(len(whole[s]) >= 3 for s in whole)
+    assert set(corpus) - whole["train"] - whole["val"] - whole["tune"] == \
+        {d for d in corpus if any(d.startswith(tail) and tail for _, tail in docs.values())}
+    # the validation split is the one a prepare without --tune-fraction writes; tune comes out of train
+    val_plain, _ = _read_split(tmp_path / "plain", "val")
+    np.testing.assert_array_equal(np.stack(val_plain).astype(np.int64), rows["val"])
+    assert m.num_samples("train") + m.num_samples("tune") <= plain.num_samples("train") + 1
+    assert m.num_samples("train") < plain.num_samples("train")
+    # deterministic: the same inputs and seed give the same files; another seed another split
+    again = prepare([str(tmp_path / "text")], tmp_path / "again", seq_len=seq_len, samples_per_shard=8,
+                    val_fraction=0.2, seed=3, tune_fraction=0.15)
+    assert again.fingerprint == m.fingerprint
+    other = prepare([str(tmp_path / "text")], tmp_path / "other", seq_len=seq_len, samples_per_shard=8,
+                    val_fraction=0.2, seed=4, tune_fraction=0.15)
+    assert other.fingerprint != m.fingerprint
+    # data prepared without one says how to get one
+    with pytest.raises(DataError, match=r"no 'tune' split \(prepare with --tune-fraction F"):
+        plain.shards("tune")
+
+
+def test_tuning_split_batches_and_errors(tmp_path: Path) -> None:
+    from peer_dist.data import val_batches
+
+    _write_corpus(tmp_path / "text", n_docs=80)
+    m = prepare([str(tmp_path / "text")], tmp_path / "out", seq_len=16, samples_per_shard=8, val_fraction=0.2,
+                seed=3, tune_fraction=0.15)
+    tune, _ = _read_split(tmp_path / "out", "tune")
+    batches = list(val_batches(tmp_path / "out", rank=0, world=1, batch_size=2, split="tune"))
+    assert len(batches) == len(tune) // 2
+    np.testing.assert_array_equal(torch_cat(batches), np.stack(tune[: 2 * len(batches)]).astype(np.int64))
+    assert "tuning samples" in m.summary()
+    with pytest.raises(DataError, match="evaluation split 'train': allowed are val, tune"):
+        list(val_batches(tmp_path / "out", rank=0, world=1, batch_size=2, split="train"))
+    for kwargs in ({"tune_fraction": -0.1}, {"tune_fraction": 0.9, "val_fraction": 0.2}):
+        with pytest.raises(DataError, match="tune_fraction=.*allowed is 0 <= tune_fraction and val_fraction "
+                                            r"\+ tune_fraction < 1"):
+            prepare([str(tmp_path / "text")], tmp_path / "bad", **kwargs)
+
+
+def torch_cat(batches: list) -> np.ndarray:
+    return np.concatenate([b.numpy() for b in batches])
 
 
 def test_single_file_is_split_in_pieces_not_one_block(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,6 +126,44 @@ def test_every_run_spends_its_budget_and_nothing_more(sweep: Path, tiny_data: Pa
     # bigger models cost more per token, so they get fewer steps of the same budget
     steps = {(r["method"], r["size"]): int(r["steps"]) for r in rows}
     assert steps[("dense", "f128")] < steps[("dense", "f64")]
+
+
+def test_results_name_the_data_used_and_a_stated_train_loss_window(sweep: Path, tiny_data: Path) -> None:
+    from peer_dist.data import Manifest
+
+    manifest = Manifest.load(tiny_data)
+    md = (sweep / "results.md").read_text()
+    # data.path came from the command line: the spec's description ("test sweep") may name other
+    # data, so the title is the spec's name and the data line comes from the manifest used
+    assert md.startswith("# isoFLOP sweep: spec\n") and "test sweep" not in md
+    data_line = next(line for line in md.splitlines() if line.startswith("Data: "))
+    assert f"{tiny_data.name}: Python" in data_line and "standard library" in data_line
+    assert f"seq {manifest.seq_len}" in data_line and manifest.fingerprint[:12] in data_line
+    for row in _rows(sweep):  # log_interval = 1: the window's mean is a plain mean of its steps' losses
+        steps = int(row["steps"])
+        losses = {m["step"]: m["train/loss"] for m in read_metrics(sweep / "runs" / row["run_name"])
+                  if "train/loss" in m}
+        window = [losses[s] for s in range(steps - math.ceil(0.1 * steps) + 1, steps + 1)]
+        assert int(row["train_loss_steps"]) == len(window)
+        assert float(row["train_loss_last10pct"]) == pytest.approx(sum(window) / len(window), rel=1e-12)
+
+
+def test_train_loss_tail_weights_whole_intervals() -> None:
+    from peer_dist.sweep.results import train_loss_tail
+
+    # intervals (0,50], (50,100], (100,150], (150,200] and a last short one (200,204]
+    rows = [{"step": 50, "train/loss": 3.0}, {"step": 100, "train/loss": 2.0}, {"step": 150, "train/loss": 1.5},
+            {"step": 200, "train/loss": 1.4}, {"step": 204, "train/loss": 1.66}, {"step": 204, "val/loss": 1.7}]
+    # last 10 % of 204 steps: steps 184..204 -> the intervals ending at 200 (50 steps) and 204 (4 steps)
+    loss, steps = train_loss_tail(rows, 204)
+    assert steps == 54 and loss == pytest.approx((50 * 1.4 + 4 * 1.66) / 54)
+    # a fraction reaching into the previous interval takes it whole
+    loss, steps = train_loss_tail(rows, 204, fraction=0.3)  # from step 142 on
+    assert steps == 104 and loss == pytest.approx((50 * 1.5 + 50 * 1.4 + 4 * 1.66) / 104)
+    # a rollback's repeated step counts with its last row
+    loss, steps = train_loss_tail(rows + [{"step": 204, "train/loss": 1.0}], 204)
+    assert loss == pytest.approx((50 * 1.4 + 4 * 1.0) / 54)
+    assert train_loss_tail([{"step": 3, "val/loss": 2.0}], 3) == (None, None)
 
 
 def test_sweep_run_equals_a_plain_train_of_its_config(sweep: Path, tmp_path: Path) -> None:
@@ -252,11 +291,11 @@ def test_bad_command_line_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "configs" / "sweeps").glob("*.toml")), ids=lambda p: p.stem)
-def test_presets_plan(preset: Path, tiny_data: Path, tmp_path: Path) -> None:
-    # Every shipped preset plans (configs validate, budgets buy enough steps) on the
-    # default corpus's sequence length; --dry-run writes nothing.
-    proc = _sweep(preset, tmp_path / "out", f"data.path={tiny_data}", "--dry-run")
-    assert "runs," in proc.stdout and "conflict" not in proc.stderr
+def test_presets_plan(preset: Path, tuned_data: Path, tmp_path: Path) -> None:
+    # Every shipped preset plans (configs validate, budgets buy enough steps) on the default
+    # corpus with a tuning split (isoflop.toml's grid needs one); --dry-run writes nothing.
+    proc = _sweep(preset, tmp_path / "out", f"data.path={tuned_data}", "--dry-run")
+    assert re.search(r"\d+ runs( \(\d+ tuning\))?,", proc.stdout) and "conflict" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -319,3 +358,223 @@ sizes = [ { name = "f64" } ]
     assert float(two_row["val_loss"]) == pytest.approx(float(one_row["val_loss"]), rel=1e-5)
     assert _trainer_state(tmp_path / "two" / "runs" / "b1.2e9-dense-f64")["consumed_tokens"] == \
         int(two_row["steps"]) * 8 * 32
+
+
+# ---------------------------------------------------------------------------- seeds, bracketing, noise, tuning
+
+
+def _result(method: str, size: str, params: int, ppl: float | None, seed: int = 0, budget: float = 1e12,
+            ffn: str = "dense", settings: dict | None = None, stage: str = "main"):
+    """A real PlannedRun + RunResult with the numbers a finished (ppl given) or pending run would have."""
+    from peer_dist.config import Config
+    from peer_dist.sweep.plan import PlannedRun
+    from peer_dist.sweep.results import RunResult
+
+    run = PlannedRun(budget, method, size, Config(), ffn, 257, 32, 4, 1e6, params, params, 10, "f", seed=seed,
+                     stage=stage, settings=dict(settings or {}))
+    if ppl is None:
+        return RunResult(run, "pending")
+    return RunResult(run, "done", val_loss=math.log(ppl), val_perplexity=ppl)
+
+
+def test_seed_statistics_bracketing_and_noise_against_hand_numbers() -> None:
+    from peer_dist.sweep.stats import aggregate, bracketing, compare
+
+    rows = [  # dense: minimum at the middle size; peer: at its smallest; moe: 2 sizes
+        ("dense", "s", 100, [6.0, 6.2]), ("dense", "m", 200, [5.0, 5.4]), ("dense", "l", 400, [5.9, 6.1]),
+        ("peer", "s", 150, [4.0, 4.2]), ("peer", "m", 300, [4.5, 4.7]), ("peer", "l", 600, [4.9, 5.3]),
+        ("moe", "s", 120, [4.3, 4.1]), ("moe", "m", 240, [4.4, None]),
+    ]
+    results = [_result(m, s, p, v, seed=i) for m, s, p, vals in rows for i, v in enumerate(vals)]
+    points = {(p.method, p.size): p for p in aggregate(results)}
+    dense_m = points[("dense", "m")].ppl
+    assert (dense_m.mean, dense_m.n) == (pytest.approx(5.2), 2)
+    assert dense_m.std == pytest.approx(math.sqrt(((5.0 - 5.2) ** 2 + (5.4 - 5.2) ** 2) / 1))  # n - 1
+    assert points[("moe", "m")].ppl.n == 1 and points[("moe", "m")].ppl.std is None
+    brackets = {b.method: b for b in bracketing(list(points.values()))}
+    assert brackets["dense"].bracketed and brackets["dense"].best.size == "m"
+    assert "interior minimum at m (between s and l)" in brackets["dense"].text
+    assert not brackets["peer"].bracketed and "smallest size s: not bracketed (add a smaller size)" in \
+        brackets["peer"].text
+    assert not brackets["moe"].bracketed and "cannot bracket" in brackets["moe"].text
+    diffs = {d.method: d for d in compare(list(brackets.values()))}
+    # leader: peer s (4.1 +- 0.1414, n 2); moe s: 4.2 +- 0.1414 -> diff 0.1, se = sqrt(0.02/2 + 0.02/2) = 0.1414
+    assert diffs["moe"].leader == "peer"
+    assert diffs["moe"].diff == pytest.approx(0.1) and diffs["moe"].se == pytest.approx(math.sqrt(0.02))
+    assert diffs["moe"].verdict.startswith("within noise")
+    # dense m: 5.2 +- 0.2828 -> diff 1.1, se = sqrt(0.08/2 + 0.02/2) = 0.2236: 4.9 se
+    assert diffs["dense"].se == pytest.approx(math.sqrt(0.05)) and diffs["dense"].verdict.startswith("beyond noise")
+
+
+def test_markdown_states_spread_bracketing_and_noise() -> None:
+    from peer_dist.sweep.results import format_markdown
+
+    curve = (("s", 100, [6.0, 6.2]), ("m", 200, [5.0, 5.4]), ("l", 400, [5.9, 6.1]))
+    results = [_result("dense", s, p, v, seed=i) for s, p, vals in curve for i, v in enumerate(vals)]
+    results += [_result("peer", "s", 150, v, seed=i, ffn="peer") for i, v in enumerate([5.1, 5.5])]
+    md = format_markdown(results, "t")
+    assert "| dense | m | 200 | 200 | 10 | 5.200 ± 0.283 (n=2) | yes |" in md
+    assert "- 1e12, dense: interior minimum at m (between s and l)" in md
+    assert "- 1e12, peer: minimum at s; 1 size(s) cannot bracket it" in md
+    # peer - dense = 0.1, se = sqrt(0.08/2 + 0.08/2) = 0.283: within 2 se with 2 seeds -> a third seed is due
+    assert "peer − dense (best baseline) = +0.100 ± 0.283: within 2 se. Add a third seed" in md
+
+
+def test_choice_is_the_lowest_mean_tuning_loss_once_the_grid_is_done() -> None:
+    from peer_dist.sweep.stats import choose
+
+    grid = [({"train.lr": 1e-3, "train.table_lr_scale": 1.0}, [5.0, 5.2]),
+            ({"train.lr": 1e-3, "train.table_lr_scale": 3.0}, [4.6, 4.9]),
+            ({"train.lr": 2e-3, "train.table_lr_scale": 1.0}, [4.8, 4.6]),  # mean 4.7: lowest
+            ({"train.lr": 2e-3, "train.table_lr_scale": 3.0}, [4.75, 4.75])]
+    tune = [_result("peer", "d64", 100, math.exp(loss), seed=i, ffn="peer", settings=s, stage="tune")
+            for s, losses in grid for i, loss in enumerate(losses)]
+    choice = choose(tune)["peer"]
+    assert choice.chosen == {"train.lr": 2e-3, "train.table_lr_scale": 1.0}
+    assert choice.runs == 8 and choice.flops == pytest.approx(sum(r.run.flops for r in tune))
+    # both chosen values sit at an end of their two-value lists
+    assert any("train.lr = 0.002 is the grid's highest value" in e for e in choice.edges)
+    assert any("train.table_lr_scale = 1 is the grid's lowest value" in e for e in choice.edges)
+    pending = tune[:-1] + [_result("peer", "d64", 100, None, seed=1, ffn="peer", settings=grid[3][0], stage="tune")]
+    assert choose(pending)["peer"].chosen is None  # one grid run unfinished: no choice yet
+
+
+TUNED_SPEC = """
+[sweep]
+budgets = [{budget}]
+seeds = [0, 1]
+min_steps = 4
+warmup_fraction = 0.1
+description = "tuned test sweep"
+
+[tune]
+budget = {tune_budget}
+size = "f64"
+lr = [2e-3, 6e-3]
+table_lr_scale = [1, 4]
+""" + SHARED.replace("train.lr = 3e-3\n", "") + """
+[methods.dense]
+overrides = {{ model.ffn = "dense" }}
+sizes = [
+  {{ name = "f32", model.d_ff = 32 }}, {{ name = "f64", model.d_ff = 64 }}, {{ name = "f128", model.d_ff = 128 }},
+]
+
+[methods.peer]
+overrides = {{ model.ffn = "peer", model.peer = {{ heads = 2, topk = 4, d_key = 16, num_experts = 256 }} }}
+sizes = [ {{ name = "f64", model.d_ff = 64 }} ]
+"""
+
+
+@pytest.fixture(scope="module")
+def tuned_sweep(tmp_path_factory: pytest.TempPathFactory, tuned_data: Path) -> Path:
+    root = tmp_path_factory.mktemp("tuned")
+    spec = _write_spec(root / "spec", TUNED_SPEC.format(budget=BUDGET, tune_budget=BUDGET / 2))
+    out = root / "out"
+    _sweep(spec, out, f"data.path={tuned_data}")
+    return out
+
+
+def _tune_rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "tuning.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_tuning_chooses_on_the_tuning_split_and_main_runs_use_it(tuned_sweep: Path) -> None:
+    from peer_dist.config import load_config
+    from peer_dist.train.evaluation import run_eval
+
+    tune = _tune_rows(tuned_sweep)
+    # dense has no tables: only its lr is searched; peer searches lr x table_lr_scale
+    assert sorted((r["method"], r["lr"], r["table_lr_scale"]) for r in tune) == sorted(
+        [("dense", "0.002", "1.0"), ("dense", "0.006", "1.0")]
+        + [("peer", lr, t) for lr in ("0.002", "0.006") for t in ("1.0", "4.0")])
+    assert {r["seed"] for r in tune} == {"0"} and {r["size"] for r in tune} == {"f64"}
+    chosen = {}
+    for method in ("dense", "peer"):
+        losses = {}
+        for row in (r for r in tune if r["method"] == method):
+            run_dir = tuned_sweep / "runs" / row["run_name"]
+            cfg = load_config(tuned_sweep / "configs" / f"{row['run_name']}.toml")
+            assert cfg.data.eval_split == "tune"
+            final = [m for m in read_metrics(run_dir) if "val/loss" in m][-1]
+            # the tuning loss is the checkpoint's loss on the tuning split, evaluated again independently
+            on_tune = run_eval(run_dir, split="tune", max_batches=2)["val/loss"]
+            on_val = run_eval(run_dir, split="val", max_batches=2)["val/loss"]
+            assert final["val/loss"] == pytest.approx(on_tune, rel=1e-5)
+            assert on_tune != pytest.approx(on_val, rel=1e-6)
+            assert float(row["tune_loss"]) == pytest.approx(final["val/loss"], rel=1e-12)
+            losses[(cfg.train.lr, cfg.train.table_lr_scale)] = final["val/loss"]
+        chosen[method] = min(losses, key=losses.get)
+        assert [r["chosen"] for r in tune if r["method"] == method].count("yes") == 1
+    for row in _rows(tuned_sweep):  # every reported run trains with its method's choice, scored on val
+        cfg = load_config(tuned_sweep / "configs" / f"{row['run_name']}.toml")
+        assert (cfg.train.lr, cfg.train.table_lr_scale) == chosen[row["method"]]
+        assert cfg.data.eval_split == "val" and cfg.train.seed == int(row["seed"])
+        assert row["run_name"].endswith(f"-s{row['seed']}") and row["status"] == "done"
+    md = (tuned_sweep / "results.md").read_text()
+    assert "Learning rates, chosen on the tuning split" in md
+    for method, (lr, scale) in chosen.items():
+        text = f"train.lr = {lr:g}" + (f", train.table_lr_scale = {scale:g}" if method == "peer" else "")
+        assert f"| {method} | {text} |" in md
+
+
+def test_tuned_sweep_reports_seed_spread_and_bracketing(tuned_sweep: Path) -> None:
+    import statistics
+
+    rows = _rows(tuned_sweep)
+    assert len(rows) == 8 and sorted({r["seed"] for r in rows}) == ["0", "1"]
+    md = (tuned_sweep / "results.md").read_text()
+    for method, size in (("dense", "f32"), ("dense", "f64"), ("dense", "f128"), ("peer", "f64")):
+        ppl = [float(r["val_perplexity"]) for r in rows if (r["method"], r["size"]) == (method, size)]
+        text = f"{statistics.fmean(ppl):.3f} ± {statistics.stdev(ppl):.3f} (n=2)"
+        assert f"| {method} | {size} |" in md and text in md
+    assert re.search(r"- 1\.2e9, dense: (interior minimum|minimum at the (smallest|largest) size)", md)
+    assert "- 1.2e9, peer: minimum at f64; 1 size(s) cannot bracket it" in md
+    assert "## Differences against noise" in md and re.search(r"peer − dense \(best baseline\) = [+-]", md)
+    from matplotlib.image import imread
+
+    assert imread(tuned_sweep / "isoflop.png").shape[1] == round(5.0 * 120)
+
+
+def test_tuned_sweep_rerun_trains_nothing_again(tuned_sweep: Path, tuned_data: Path) -> None:
+    before = {p.parent.name: p.stat().st_mtime_ns for p in (tuned_sweep / "runs").glob("*/metrics.jsonl")}
+    assert len(before) == 14  # 6 tuning runs + 4 points x 2 seeds
+    proc = _sweep(tuned_sweep / "spec.toml", tuned_sweep, f"data.path={tuned_data}")
+    assert proc.stdout.count("done, not retrained") == 14
+    after = {p.parent.name: p.stat().st_mtime_ns for p in (tuned_sweep / "runs").glob("*/metrics.jsonl")}
+    assert before == after
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("size = \"f64\"", "size = \"f16\""),
+     "tune.size = 'f16', but method dense has no such size; it has: f32, f64, f128"),
+    (("budget = {tune_budget}", "budget = -1"), "tune.budget must be a positive number"),
+    (("lr = [2e-3, 6e-3]", "lr = 2e-3"), "tune lr must be a non-empty list of numbers > 0"),
+    (("lr = [2e-3, 6e-3]", "lr = [2e-3, 2e-3]"), "tune lr = [0.002, 0.002] has duplicates"),
+    (("lr = [2e-3, 6e-3]", "lrs = [2e-3]"), "unknown key 'lrs' in [tune]"),
+    (("seeds = [0, 1]", "seeds = [0, -1]"), "sweep.seeds must be a non-empty list of integers >= 0"),
+    (("train.log_interval = 1", "train.log_interval = 1\ntrain.lr = 1e-3"),
+     "sets train.lr, which is chosen by the [tune] grid"),
+    (("train.log_interval = 1", "train.log_interval = 1\ntrain.seed = 3"),
+     "sets train.seed, which is set from sweep.seeds"),
+    (('overrides = {{ model.ffn = "dense" }}',
+      'overrides = {{ model.ffn = "dense" }}\ntune = {{ table_lr_scale = [1, 2] }}'),
+     "methods.dense.tune gives table_lr_scale, but the method's model.ffn is 'dense'"),
+])
+def test_bad_tuning_spec_is_a_clear_error(tmp_path: Path, tuned_data: Path, edit: tuple[str, str],
+                                          message: str) -> None:
+    old, new = edit
+    assert old in TUNED_SPEC
+    spec = _write_spec(tmp_path, TUNED_SPEC.replace(old, new, 1).format(budget=BUDGET, tune_budget=BUDGET / 2))
+    proc = _sweep(spec, tmp_path / "out", f"data.path={tuned_data}", "--dry-run", check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_tuning_needs_data_with_a_tuning_split(tmp_path: Path, tiny_data: Path) -> None:
+    spec = _write_spec(tmp_path, TUNED_SPEC.format(budget=BUDGET, tune_budget=BUDGET / 2))
+    proc = _sweep(spec, tmp_path / "out", f"data.path={tiny_data}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "the [tune] grid evaluates on the tuning split" in proc.stderr and "--tune-fraction" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,12 +1,15 @@
-"""One chunk of the corpus -> tokens -> train/validation samples -> its own tar shards (run in a worker).
+"""One chunk of the corpus -> tokens -> train/validation(/tuning) samples -> its own tar shards (run in a worker).
 
 Per document (``tokens`` = its ids followed by the end-of-text id):
 
 1. the document key is ``sha256(UTF-8 text)``;
 2. ``tokens`` is cut into pieces of ``piece_tokens`` (= 8 samples of ``seq_len + 1``);
-   piece ``p`` goes to validation when ``val_hash(seed, key, p) < val_fraction``, else
+   piece ``p`` goes to validation when ``h = val_hash(seed, key, p) < val_fraction``,
+   to the tuning split when ``val_fraction <= h < val_fraction + tune_fraction``, else
    to train. A document shorter than a piece goes whole to one split; a long one
-   (a single-file corpus) is spread over both in 8-sample pieces, never one block;
+   (a single-file corpus) is spread over the splits in 8-sample pieces, never one block.
+   The validation split does not depend on ``tune_fraction`` (the tuning pieces come
+   out of train), so adding a tuning split keeps the validation samples as they were;
 3. each split's pieces, in corpus order, are concatenated and cut into samples of
    ``seq_len + 1`` tokens; the tail of the chunk's split that does not fill a sample
    is dropped;
@@ -49,6 +52,11 @@ _BATCH_BYTES = 1 << 20  # ... or fewer when they hold this many bytes
 PROGRESS_FIELDS = ("input_bytes", "documents", "tokens", "text_bytes")
 
 
+def split_names(tune_fraction: float) -> tuple[str, ...]:
+    """The splits a prepare writes: train and val, and tune when it has a tuning fraction."""
+    return ("train", "val", "tune") if tune_fraction > 0 else ("train", "val")
+
+
 def val_hash(seed: int, key: bytes, piece: int) -> float:
     """Where piece ``piece`` of the document with key ``key`` falls in [0, 1) (module doc)."""
     data = seed.to_bytes(8, "little", signed=True) + key + piece.to_bytes(8, "little")
@@ -65,6 +73,11 @@ class ChunkJob:
     val_fraction: float
     seed: int
     dtype: str
+    tune_fraction: float = 0.0
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return split_names(self.tune_fraction)
 
     @property
     def sample_len(self) -> int:
@@ -88,7 +101,7 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
     """Tokenize, split and write the shards of one chunk; returns its entry for the manifest."""
     tok = _TOKENIZER
     assert tok is not None, "init_worker was not called"
-    writers = {s: _SplitWriter(Path(job.folder), s, job) for s in ("train", "val")}
+    writers = {s: _SplitWriter(Path(job.folder), s, job) for s in job.splits}
     counts = ReadCounts()
     docs = text_bytes = 0
     progress = _Progress(_PROGRESS)
@@ -135,9 +148,11 @@ def _batches(chunk: Chunk, options: ReadOptions,
 def _route(stream: np.ndarray, key: bytes, job: ChunkJob, writers: dict[str, _SplitWriter]) -> None:
     """Send each piece of one document's token stream to its split (module doc, step 2)."""
     piece_tokens = VAL_PIECE_SAMPLES * job.sample_len
+    held_out = job.val_fraction + job.tune_fraction
     for p, start in enumerate(range(0, len(stream), piece_tokens)):
-        val = job.val_fraction > 0 and val_hash(job.seed, key, p) < job.val_fraction
-        writers["val" if val else "train"].add(stream[start: start + piece_tokens])
+        h = val_hash(job.seed, key, p) if held_out > 0 else 1.0
+        split = "val" if h < job.val_fraction else "tune" if h < held_out else "train"
+        writers[split].add(stream[start: start + piece_tokens])
 
 
 class _SplitWriter:

@@ -47,6 +47,7 @@ from peer_dist.fileio import sha256_bytes
 from peer_dist.log import get_logger
 
 BAD_SHARD_POLICIES = ("error", "skip")
+EVAL_SPLITS = ("val", "tune")  # data.eval_split: what validation evaluates on
 VERIFY_MODES = (True, False, "upfront")  # data.verify: check each shard as read / not / also all before step 1
 _SHARD_CACHE = 2  # decoded shards kept per process: the current one and its neighbour
 
@@ -302,31 +303,38 @@ class TrainStream:
 
 
 def val_batches(data_dir: str | Path, rank: int, world: int, batch_size: int, max_batches: int | None = None,
-                read_retries: int = 3, retry_wait_s: float = 0.5) -> Iterator[torch.Tensor]:
-    """This rank's validation batches, int64 (batch_size, seq_len + 1), in a fixed order.
+                read_retries: int = 3, retry_wait_s: float = 0.5, split: str = "val") -> Iterator[torch.Tensor]:
+    """This rank's evaluation batches, int64 (batch_size, seq_len + 1), in a fixed order.
 
+    ``split``: "val" (validation), or "tune" (the tuning split of data prepared with
+    ``--tune-fraction``, for choosing hyperparameters apart from validation).
     Batch ``b`` of rank ``r`` is samples ``[(b * world + r) * batch_size, + batch_size)``
-    of the validation split in shard order; every rank gets the same number of
+    of the split in shard order; every rank gets the same number of
     batches (the collective evaluation needs that), the remainder is left out.
     Validation shards are always verified; a failed read is retried like a training
     shard's (``read_retries``, ``retry_wait_s``), then a bad shard is an error.
     """
     _check_retries(read_retries, retry_wait_s)
     manifest = Manifest.load(data_dir, read_retries, retry_wait_s)
-    total = manifest.num_samples("val")
+    if split not in EVAL_SPLITS:
+        raise DataError(f"evaluation split {split!r}: allowed are {', '.join(EVAL_SPLITS)}")
+    total = manifest.num_samples(split)  # DataError naming the splits there are when it is missing
     if total == 0:
         raise DataError(f"{data_dir} has no validation split (it was prepared with val_fraction=0); "
                         "re-run prepare with --val-fraction > 0")
     count = total // (world * batch_size)
+    what = "validation" if split == "val" else "tuning"  # in messages; a shard is a "val" or "tune" shard
     if count == 0:
-        raise DataError(f"the validation split of {data_dir} has {total} samples: fewer than one batch per rank "
+        raise DataError(f"the {what} split of {data_dir} has {total} samples: fewer than one batch per rank "
                         f"({world} ranks x batch size {batch_size}); lower the batch size")
     if max_batches is not None:
         count = min(count, max_batches)
-    return _val_iter(ShardReader(manifest, "val", True, read_retries, retry_wait_s), rank, world, batch_size, count)
+    return _val_iter(ShardReader(manifest, split, True, read_retries, retry_wait_s), rank, world, batch_size, count,
+                     split)
 
 
-def _val_iter(reader: ShardReader, rank: int, world: int, batch_size: int, count: int) -> Iterator[torch.Tensor]:
+def _val_iter(reader: ShardReader, rank: int, world: int, batch_size: int, count: int,
+              split: str) -> Iterator[torch.Tensor]:
     ends = np.cumsum([s.samples for s in reader.infos])
     for b in range(count):
         start = (b * world + rank) * batch_size
@@ -337,5 +345,6 @@ def _val_iter(reader: ShardReader, rank: int, world: int, batch_size: int, count
             try:
                 rows.append(reader.rows(shard)[offset])
             except ShardProblem as exc:
-                raise DataError(f"val shard {reader.location(shard)} {exc}; re-run prepare or restore the file") from None
+                raise DataError(f"{split} shard {reader.location(shard)} {exc}; re-run prepare or restore the file") \
+                    from None
         yield torch.from_numpy(np.stack(rows))

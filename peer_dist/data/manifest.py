@@ -50,7 +50,7 @@ T = TypeVar("T")
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 2  # 2: per-chunk shards, hash split, corpus counts of JSONL/Parquet inputs
 READABLE_VERSIONS = (1, 2)  # the shard and split entries the loader reads are the same in both
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "tune")  # tune: only in data prepared with --tune-fraction
 SAMPLE_EXT = "tokens.npy"  # WebDataset member suffix: <key>.tokens.npy
 
 
@@ -287,17 +287,30 @@ class Manifest:
     def eot_id(self) -> int:
         return int(self.info["tokenizer"]["eot_id"])
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits this data has, in SPLITS order (train, val, and tune when prepared with one)."""
+        return tuple(s for s in SPLITS if s in self.info["splits"])
+
+    def _split(self, split: str) -> dict[str, Any]:
+        if split not in self.info["splits"]:
+            extra = " (prepare with --tune-fraction F to write one)" if split == "tune" else ""
+            raise DataError(f"data at {self.root} has no {split!r} split{extra}; it has: {', '.join(self.splits)}")
+        return self.info["splits"][split]
+
     def shards(self, split: str) -> list[ShardInfo]:
-        return [ShardInfo(**s) for s in self.info["splits"][split]["shards"]]
+        return [ShardInfo(**s) for s in self._split(split)["shards"]]
 
     def num_samples(self, split: str) -> int:
-        return int(self.info["splits"][split]["samples"])
+        return int(self._split(split)["samples"])
 
     def location(self, name: str) -> str:
         return file_location(self.root, name)
 
     def summary(self) -> str:
         t, v = self.info["splits"]["train"], self.info["splits"]["val"]
+        tune = self.info["splits"].get("tune")
+        tuning = f", {tune['samples']} tuning samples in {len(tune['shards'])} shards" if tune else ""
         return (f"{t['samples']} train samples in {len(t['shards'])} shards, {v['samples']} validation samples "
-                f"in {len(v['shards'])} shards, {self.seq_len} tokens each (+1 target), tokenizer "
+                f"in {len(v['shards'])} shards{tuning}, {self.seq_len} tokens each (+1 target), tokenizer "
                 f"{self.tokenizer} (vocab {self.vocab_size}), fingerprint {self.fingerprint[:16]}")

@@ -6,8 +6,9 @@ Steps:
 2. tokenizer: the byte tokenizer, a given ``tokenizer.json``, or byte-level BPE trained
    on a bounded, seeded sample of the corpus (``tokenizer_sample_bytes``); saved as
    ``tokenizer.json`` next to the shards, its sha256 in the manifest;
-3. every chunk is tokenized, split into train/validation by a hash of each document
-   and written as its own shards by one of ``workers`` processes (chunks.py);
+3. every chunk is tokenized, split into train/validation (and, with ``tune_fraction``,
+   a tuning split for choosing hyperparameters apart from validation) by a hash of
+   each document's pieces and written as its own shards by one of ``workers`` processes (chunks.py);
 4. ``manifest.json`` lists the chunks' shards in chunk order (per shard: samples,
    bytes, sha256) with the corpus counts and the split rule.
 
@@ -36,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peer_dist.data.chunks import PROGRESS_FIELDS, VAL_PIECE_SAMPLES, ChunkJob, init_worker, process_chunk
+from peer_dist.data.chunks import (PROGRESS_FIELDS, VAL_PIECE_SAMPLES, ChunkJob, init_worker, process_chunk,
+                                   split_names)
 from peer_dist.data.corpus import Plan, plan_corpus, tokenizer_sample
-from peer_dist.data.manifest import MANIFEST_FILE, MANIFEST_VERSION, SAMPLE_EXT, Manifest
+from peer_dist.data.manifest import MANIFEST_FILE, MANIFEST_VERSION, SAMPLE_EXT, SPLITS, Manifest
 from peer_dist.data.records import BAD_RECORD_POLICIES, ReadOptions
 from peer_dist.data.tokenizers import FILE_TOKENIZER, TOKENIZER_FILE, BPETokenizer, check_tokenizer_args
 from peer_dist.errors import DataError
@@ -65,6 +67,7 @@ class Settings:
     tokenizer_file: str | None
     tokenizer_sample_bytes: int
     chunk_bytes: int
+    tune_fraction: float = 0.0
 
 
 def prepare(
@@ -89,6 +92,7 @@ def prepare(
     num_parts: int = 1,
     progress: bool = False,
     stats: dict[str, Any] | None = None,
+    tune_fraction: float = 0.0,
 ) -> Manifest | None:
     """Prepare ``inputs`` (files, folders, globs; empty: the standard library) into ``output``.
 
@@ -99,7 +103,7 @@ def prepare(
     kind = _resolve_tokenizer(tokenizer, tokenizer_file)
     settings = Settings(kind, vocab_size, seq_len, samples_per_shard, val_fraction, seed, max_bytes,
                         ReadOptions(text_field, bad_record), None if tokenizer_file is None else str(tokenizer_file),
-                        tokenizer_sample_bytes, chunk_bytes)
+                        tokenizer_sample_bytes, chunk_bytes, tune_fraction)
     _check_args(settings, workers, part, num_parts)
     output = Path(output)
     if num_parts > 1:
@@ -140,6 +144,9 @@ def _check_args(s: Settings, workers: int, part: int | None, num_parts: int) -> 
         raise DataError(f"samples_per_shard={s.samples_per_shard}: must be at least 1")
     if not 0.0 <= s.val_fraction < 1.0:
         raise DataError(f"val_fraction={s.val_fraction}: allowed is 0 <= val_fraction < 1")
+    if not 0.0 <= s.tune_fraction < 1.0 or s.val_fraction + s.tune_fraction >= 1.0:
+        raise DataError(f"tune_fraction={s.tune_fraction} (with val_fraction={s.val_fraction}): allowed is "
+                        "0 <= tune_fraction and val_fraction + tune_fraction < 1 (train keeps the rest)")
     if s.max_bytes is not None and s.max_bytes < 1:
         raise DataError(f"max_bytes={s.max_bytes}: must be at least 1 (or unset for the whole corpus)")
     if s.options.bad_record not in BAD_RECORD_POLICIES:
@@ -174,9 +181,11 @@ def _header(plan: Plan, s: Settings, folder: Path) -> dict[str, Any]:
     info = _tokenizer(plan, s, folder)
     dtype = "uint16" if info["vocab_size"] <= 1 << 16 else "uint32"
     split: dict[str, Any] = {"mode": "none"}
-    if s.val_fraction > 0:
+    if s.val_fraction > 0 or s.tune_fraction > 0:
         split = {"mode": "hash", "val_fraction": s.val_fraction, "seed": s.seed,
                  "piece_tokens": VAL_PIECE_SAMPLES * (s.seq_len + 1)}
+        if s.tune_fraction > 0:  # absent otherwise: data prepared without it keeps its fingerprint
+            split["tune_fraction"] = s.tune_fraction
     return {"version": MANIFEST_VERSION, "format": "webdataset", "sample_ext": SAMPLE_EXT, "seq_len": s.seq_len,
             "samples_per_shard": s.samples_per_shard, "dtype": dtype, "tokenizer": info, "split": split}
 
@@ -252,7 +261,7 @@ def run_chunks(chunks: list[Any], header: dict[str, Any], s: Settings, folder: P
                progress: bool, stats: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Process ``chunks`` with ``workers`` processes into ``folder``; their results in chunk order."""
     jobs = [ChunkJob(c, str(folder), s.options, s.seq_len, s.samples_per_shard, s.val_fraction, s.seed,
-                     header["dtype"]) for c in chunks]
+                     header["dtype"], s.tune_fraction) for c in chunks]
     tok_file = str(folder / TOKENIZER_FILE) if "file" in header["tokenizer"] else None
     total = sum(Path(p).stat().st_size for c in chunks for p in c.files)
     # spawn: a worker starts clean (no threads inherited from the tokenizer training or the caller).
@@ -298,7 +307,7 @@ def _update_bar(bar: Any, shared: Any, started: float) -> None:
 
 def _report(results: list[dict[str, Any]], total: int, seconds: float, workers: int,
             stats: dict[str, Any] | None) -> None:
-    samples = sum(sh["samples"] for r in results for split in ("train", "val") for sh in r[split])
+    samples = sum(sh["samples"] for r in results for split in SPLITS if split in r for sh in r[split])
     peak: dict[int, float] = {}
     cpu: dict[int, float] = {}  # per worker process: its CPU time at its last chunk
     for r in results:
@@ -329,7 +338,7 @@ def assemble(header: dict[str, Any], results: list[dict[str, Any]], corpus: dict
                                f"{counts['bad_records']} bad record(s)" + (f" (first: {first})" if first else ""))
     sample_len = header["seq_len"] + 1
     splits = {}
-    for split in ("train", "val"):
+    for split in split_names(header["split"].get("tune_fraction", 0.0)):
         shards = [sh for r in results for sh in r[split]]
         samples = sum(sh["samples"] for sh in shards)
         splits[split] = {"samples": samples, "tokens": samples * sample_len, "shards": shards}
@@ -346,6 +355,10 @@ def _require_samples(splits: dict[str, Any], header: dict[str, Any], counts: dic
         raise DataError(f"the validation split is empty: no piece of the {counts['documents']} documents fell in "
                         f"val_fraction={header['split']['val_fraction']} with enough tokens for a sample of "
                         f"{sample_len}; raise --val-fraction, lower --seq-len, add text, or pass --val-fraction 0")
+    if "tune" in splits and splits["tune"]["samples"] == 0:
+        raise DataError(f"the tuning split is empty: no piece of the {counts['documents']} documents fell in "
+                        f"tune_fraction={header['split']['tune_fraction']} with enough tokens for a sample of "
+                        f"{sample_len}; raise --tune-fraction, lower --seq-len or add text")
 
 
 def _swap_into_place(tmp: Path, output: Path) -> None:
@@ -466,8 +479,8 @@ def _check_tokenizer_file(output: Path, header: dict[str, Any]) -> None:
 
 def _check_shard_files(output: Path, results: list[dict[str, Any]]) -> None:
     for r in results:
-        for split in ("train", "val"):
-            for shard in r[split]:
+        for split in SPLITS:
+            for shard in r.get(split, []):
                 path = output / shard["file"]
                 if not path.is_file() or path.stat().st_size != shard["bytes"]:
                     raise DataError(f"{path} is missing or has the wrong size (chunk {r['chunk']}); "

@@ -30,11 +30,11 @@ _LISTED = 10  # problems named in the error; the rest are counted
 
 
 def verify_data(root: str | Path, workers: int = 4, progress: bool = False, read_retries: int = 0) -> Manifest:
-    """Check every shard of both splits (and tokenizer.json); raises DataError naming each bad file."""
+    """Check every shard of every split (and tokenizer.json); raises DataError naming each bad file."""
     if workers < 1:
         raise DataError(f"--workers {workers}: must be at least 1")
     manifest = Manifest.load(root, read_retries)
-    shards = [(split, s) for split in ("train", "val") for s in manifest.shards(split)]
+    shards = [(split, s) for split in manifest.splits for s in manifest.shards(split)]
     problems = verify_shards(manifest, shards, workers, progress, read_retries)
     problems += _tokenizer_problem(manifest)
     if problems:
@@ -48,7 +48,7 @@ _VERIFIED: set[tuple[str, str, int, int]] = set()  # (root, fingerprint, rank, w
 def verify_upfront(manifest: Manifest, rank: int, world: int, bad_shard: str, read_retries: int = 0) -> None:
     """``data.verify="upfront"``: rank ``rank`` of ``world`` checks shards ``rank, rank + world, ...``.
 
-    The shards of both splits in manifest order are dealt out over the ranks, so the
+    The shards of every split in manifest order are dealt out over the ranks, so the
     ranks together check every shard once, before the first step. A bad shard stops
     the run under ``bad_shard="error"``; under ``"skip"`` it is logged (training skips
     it when it comes to it). Done once per process for the same data.
@@ -56,7 +56,7 @@ def verify_upfront(manifest: Manifest, rank: int, world: int, bad_shard: str, re
     key = (manifest.root, manifest.fingerprint, rank, world)
     if key in _VERIFIED:
         return
-    shards = [(split, s) for split in ("train", "val") for s in manifest.shards(split)][rank::world]
+    shards = [(split, s) for split in manifest.splits for s in manifest.shards(split)][rank::world]
     started = time.monotonic()
     problems = verify_shards(manifest, shards, min(4, os.cpu_count() or 1), read_retries=read_retries)
     if problems and bad_shard == "error":

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from peer_dist.sweep.plan import Launch, format_plan, human, plan_sweep
+    from peer_dist.sweep.plan import Launch, format_plan, human
     from peer_dist.sweep.runner import SweepRunner
     from peer_dist.sweep.spec import flops_text, load_spec, with_overrides
 
@@ -39,16 +39,22 @@ def run(args: argparse.Namespace) -> int:
     launch = Launch(args.launcher, args.nproc)
     spec = with_overrides(load_spec(args.spec), args.overrides)
     output = Path(args.output)
-    runs = plan_sweep(spec, output, launch, args.only)
-    runner = SweepRunner(spec, runs, output, launch)
+    runner = SweepRunner(spec, output, launch, args.only)
+    runs = runner.all_runs
     procs = f"{launch.nproc} process{'es' if launch.nproc > 1 else ''}"
-    print(f"sweep {spec.path}: {len(runs)} runs, {len(spec.budgets)} budget(s), launcher {launch.launcher} x {procs}, "
+    tuning = f" ({len(runner.tune_runs)} tuning)" if runner.tune_runs else ""
+    print(f"sweep {spec.path}: {len(runs)} runs{tuning}, {len(spec.budgets)} budget(s), "
+          f"launcher {launch.launcher} x {procs}, "
           f"{human(sum(r.tokens for r in runs))} tokens, {flops_text(sum(r.flops for r in runs))} training FLOPs in all",
           flush=True)
     if args.dry_run:
         conflicts: list[str] = []
         states = runner.states(conflicts)
         print(format_plan(runs, {name: state.status for name, state in states.items()}))
+        for method, choice in runner.choices().items() if runner.tune_runs else ():
+            if choice.chosen is not None:
+                print(f"{method}: chosen on the tuning split: "
+                      + ", ".join(f"{k} = {v:g}" for k, v in choice.chosen.items()))
         for message in conflicts:
             print(f"conflict: {message}", file=sys.stderr)
         return EXIT_USER_ERROR if conflicts else 0

@@ -11,13 +11,20 @@ training compute)::
 (peer_dist/model/flops.py documents what ``model_flops_per_token`` counts.) Validation
 FLOPs are not part of the budget, as in the paper. A configuration whose budget buys
 fewer than ``sweep.min_steps`` steps is refused: its result would say nothing.
+
+With ``sweep.seeds`` every point is one run per seed (``<name>-s<seed>``). With a
+[tune] table, :func:`plan_tuning` gives the grid runs (``tune-b<budget>-<method>-<size>-
+lr<lr>[-t<scale>][-s<seed>]``, evaluated on the data's tuning split) and the main runs
+take each method's chosen settings (``choices``); a method whose tuning has not
+finished has its main runs planned with ``waiting = True`` (steps do not depend on the
+learning rate, so the plan still shows them).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -25,7 +32,8 @@ from typing import Any
 from peer_dist.config import Config, config_hash, load_config, validate
 from peer_dist.errors import ConfigError, UserError
 from peer_dist.parallel.layout import ParallelLayout
-from peer_dist.sweep.spec import MethodSpec, SizeSpec, SweepSpec, budget_label, flops_text
+from peer_dist.sweep.spec import (TABLE_FFNS, TUNED_KEYS, MethodSpec, SizeSpec, SweepSpec, budget_label,
+                                  flops_text)
 
 LAUNCHERS = ("none", "torchrun")
 
@@ -63,6 +71,10 @@ class PlannedRun:
     params_active: int
     steps: int
     data_fingerprint: str  # of the data manifest the run trains on (its checkpoints record it)
+    seed: int = 0  # train.seed
+    stage: str = "main"  # "main": reported on the validation split; "tune": a grid run, on the tuning split
+    settings: dict[str, float] = field(default_factory=dict)  # the tuned keys this run sets (train.lr, ...)
+    waiting: bool = False  # a main run whose method's tuning has not finished: not started yet
 
     @property
     def name(self) -> str:
@@ -112,10 +124,13 @@ def steps_for_budget(budget: float, flops_per_token: float, tokens_per_step: int
     return math.floor(exact(budget) / (exact(flops_per_token) * tokens_per_step))
 
 
-def plan_sweep(spec: SweepSpec, output: str | Path, launch: Launch, only: list[str] | None = None) -> list[PlannedRun]:
-    """Every (budget, method, size) of the spec, in spec order.
+def plan_sweep(spec: SweepSpec, output: str | Path, launch: Launch, only: list[str] | None = None,
+               choices: dict[str, dict[str, float]] | None = None) -> list[PlannedRun]:
+    """Every (budget, method, size, seed) of the spec, in spec order.
 
     ``only`` keeps some of them: each entry a method ("peer") or one size of it ("peer/d96").
+    ``choices``: per method, the tuned keys chosen by its grid ({"train.lr": 2e-3, ...});
+    with a [tune] table, a method without one gets ``waiting`` runs.
 
     Raises ConfigError naming the point for a config that does not validate, and one
     ConfigError listing every point whose budget buys fewer than ``spec.min_steps`` steps.
@@ -125,16 +140,86 @@ def plan_sweep(spec: SweepSpec, output: str | Path, launch: Launch, only: list[s
     run_root = Path(output) / "runs"
     data = _DataInfo()
     runs = []
+    seeds = spec.seeds or (None,)
     for budget in spec.budgets:
         for method in methods:
+            chosen = (choices or {}).get(method.name)
+            waiting = spec.tune is not None and chosen is None
             for size in method.sizes:
                 if wanted[method.name] and size.name not in wanted[method.name]:
                     continue
-                runs.append(_plan_point(spec, budget, method, size, run_root, launch, data))
+                for seed in seeds:
+                    name = f"b{budget_label(budget)}-{method.name}-{size.name}" + ("" if seed is None else f"-s{seed}")
+                    extra = {"data.eval_split": "val", **(chosen or {})}
+                    if seed is not None:
+                        extra["train.seed"] = seed
+                    run = _plan_point(spec, budget, method, size, run_root, launch, data, name, extra)
+                    run.settings, run.waiting = dict(chosen or {}), waiting
+                    runs.append(run)
+    _check_steps(spec, runs)
+    return runs
+
+
+def plan_tuning(spec: SweepSpec, output: str | Path, launch: Launch,
+                only: list[str] | None = None) -> list[PlannedRun]:
+    """The [tune] grid runs of the (selected) methods: spec.tune.size at spec.tune.budget, per grid point and seed.
+
+    Every run evaluates on the tuning split (data.eval_split = "tune"). train.table_lr_scale
+    is searched only for methods whose model.ffn is pkm or peer (the others have no tables).
+    """
+    tune = spec.tune
+    if tune is None:
+        return []
+    wanted = _selection(spec, only)
+    run_root = Path(output) / "runs"
+    data = _DataInfo()
+    runs = []
+    seeds = tune.seeds or (spec.seeds[:1] if spec.seeds else (None,))
+    for method in (m for m in spec.methods if m.name in wanted):
+        size = next(s for s in method.sizes if s.name == tune.size)
+        for point in _grid_points(spec, method, size, run_root, launch, data):
+            for seed in seeds:
+                label = "-".join(f"{_GRID_LABEL[k]}{_short(v)}" for k, v in point.items())
+                name = f"tune-b{budget_label(tune.budget)}-{method.name}-{size.name}-{label}" + \
+                    ("" if seed is None else f"-s{seed}")
+                extra: dict[str, Any] = {"data.eval_split": "tune", **point}
+                if seed is not None:
+                    extra["train.seed"] = seed
+                run = _plan_point(spec, tune.budget, method, size, run_root, launch, data, name, extra)
+                run.stage, run.settings = "tune", dict(point)
+                runs.append(run)
+    _check_steps(spec, runs)
+    return runs
+
+
+_GRID_LABEL = {"train.lr": "lr", "train.table_lr_scale": "t"}
+
+
+def _short(value: float) -> str:
+    """A grid value for a folder name: 0.002 -> "0.002", 3.0 -> "3", 1e-05 -> "1e-05"."""
+    return format(value, "g")
+
+
+def _grid_points(spec: SweepSpec, method: MethodSpec, size: SizeSpec, run_root: Path, launch: Launch,
+                 data: _DataInfo) -> list[dict[str, float]]:
+    """The method's grid as {config key: value} points, lr outermost; table scales only for pkm/peer."""
+    assert spec.tune is not None
+    grid = spec.tune.grid_for(method)
+    probe = _plan_point(spec, spec.tune.budget, method, size, run_root, launch, data, "probe", {})
+    lists = {TUNED_KEYS[k]: v for k, v in grid.items() if k != "table_lr_scale" or probe.ffn in TABLE_FFNS}
+    if "table_lr_scale" in method.tune and probe.ffn not in TABLE_FFNS:
+        raise ConfigError(f"sweep spec {spec.path}: methods.{method.name}.tune gives table_lr_scale, but the "
+                          f"method's model.ffn is {probe.ffn!r}: it has no expert tables (pkm, peer have)")
+    points: list[dict[str, float]] = [{}]
+    for key, values in lists.items():
+        points = [{**p, key: v} for p in points for v in values]
+    return points
+
+
+def _check_steps(spec: SweepSpec, runs: list[PlannedRun]) -> None:
     short = [r for r in runs if r.steps < spec.min_steps]
     if short:
         raise ConfigError(_too_few_steps_message(spec, short))
-    return runs
 
 
 def _selection(spec: SweepSpec, only: list[str] | None) -> dict[str, set[str]]:
@@ -157,11 +242,12 @@ def _selection(spec: SweepSpec, only: list[str] | None) -> dict[str, set[str]]:
 
 
 def _plan_point(spec: SweepSpec, budget: float, method: MethodSpec, size: SizeSpec, run_root: Path, launch: Launch,
-                data: _DataInfo) -> PlannedRun:
+                data: _DataInfo, name: str, extra: dict[str, Any]) -> PlannedRun:
+    """One run: the spec's merge (module doc of spec.py), then ``extra`` (keys the sweep sets), then steps."""
     from peer_dist.model.flops import active_params, model_flops_per_token, total_params
 
     where = f"sweep point {method.name}/{size.name}"
-    overrides = {**spec.overrides, **method.overrides, **size.overrides}
+    overrides = {**spec.overrides, **method.overrides, **size.overrides, **extra}
     try:
         cfg = load_config(spec.base, [f"{key}={render_value(value)}" for key, value in overrides.items()])
         layout = ParallelLayout(launch.nproc, tp=cfg.parallel.tp, ep=cfg.parallel.ep)
@@ -174,7 +260,7 @@ def _plan_point(spec: SweepSpec, budget: float, method: MethodSpec, size: SizeSp
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * layout.dp
     steps = steps_for_budget(budget, fpt, global_batch * seq_len)
     cfg.run.dir = str(run_root)
-    cfg.run.name = f"b{budget_label(budget)}-{method.name}-{size.name}"
+    cfg.run.name = name
     cfg.train.max_steps = max(steps, 1)  # below min_steps the whole plan is refused after planning
     if spec.warmup_fraction is not None:
         cfg.train.warmup_steps = round(spec.warmup_fraction * steps)
@@ -185,23 +271,32 @@ def _plan_point(spec: SweepSpec, budget: float, method: MethodSpec, size: SizeSp
         validate(cfg)
     except UserError as exc:
         raise type(exc)(f"{where}: {exc}") from None
+    if cfg.data.eval_split == "tune":  # a tuning run would train in full, then fail at its validation
+        try:
+            data.manifest(cfg.data.path, cfg).num_samples("tune")
+        except UserError as exc:
+            raise type(exc)(f"{where}: the [tune] grid evaluates on the tuning split: {exc}") from None
     return PlannedRun(budget, method.name, size.name, cfg, cfg.model.ffn, vocab, seq_len, global_batch, fpt,
-                      params[0], params[1], steps, fingerprint)
+                      params[0], params[1], steps, fingerprint, seed=cfg.train.seed)
 
 
 class _DataInfo:
     """(seq_len, vocab, fingerprint) of each data path, read once from its manifest."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, tuple[int, int, str]] = {}
+        self._cache: dict[str, Any] = {}
 
-    def get(self, path: str, cfg: Config) -> tuple[int, int, str]:
+    def manifest(self, path: str, cfg: Config) -> Any:
         if path not in self._cache:
             from peer_dist.data import Manifest
 
-            manifest = Manifest.load(path, read_retries=cfg.data.read_retries, retry_wait_s=cfg.data.retry_wait_s)
-            self._cache[path] = (manifest.seq_len, manifest.vocab_size, manifest.fingerprint)
+            self._cache[path] = Manifest.load(path, read_retries=cfg.data.read_retries,
+                                              retry_wait_s=cfg.data.retry_wait_s)
         return self._cache[path]
+
+    def get(self, path: str, cfg: Config) -> tuple[int, int, str]:
+        manifest = self.manifest(path, cfg)
+        return manifest.seq_len, manifest.vocab_size, manifest.fingerprint
 
 
 def render_value(value: Any) -> str:

@@ -15,6 +15,12 @@ commits the final checkpoint): it is never started again. Any other run is start
 with the same command; the trainer resumes by itself from its newest good checkpoint.
 A run folder whose checkpoint belongs to another configuration (the spec, base
 config, data or process count changed since) stops the sweep before anything runs.
+
+With a [tune] table the tuning runs go first; each method's main runs are planned
+with the settings its finished grid chose (stats.choose) and run after all tuning
+runs. A method whose grid has a run that failed keeps its main runs waiting; the other
+methods go on. The choice is recomputed from the run folders on every start, so a
+resumed sweep continues with the same settings.
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ from typing import Any
 from peer_dist.config import dump_toml
 from peer_dist.errors import CheckpointError, UserError
 from peer_dist.fileio import write_atomic
-from peer_dist.sweep.plan import Launch, PlannedRun, format_plan
-from peer_dist.sweep.results import RunResult, final_validation, result_from_folder, write_results
+from peer_dist.sweep.plan import Launch, PlannedRun, format_plan, plan_sweep, plan_tuning
+from peer_dist.sweep.results import (RunResult, describe_data, final_validation, result_from_folder,
+                                     write_results)
 from peer_dist.sweep.spec import SweepSpec
+from peer_dist.sweep.stats import Choice, choose
 
 EXIT_PREEMPTED = 75  # as the trainer's (peer_dist/train/signals.py): rerun the same command to continue
 EXIT_RUN_FAILED = 1
@@ -47,7 +55,7 @@ _LOG_TAIL_LINES = 25
 
 @dataclass(frozen=True)
 class RunState:
-    status: str  # "done" | "resume" | "new"
+    status: str  # "done" | "resume" | "new" | "waiting" (for its method's tuning) | "conflict"
     step: int = 0  # newest committed checkpoint's step
 
 
@@ -58,6 +66,8 @@ def run_state(run: PlannedRun) -> RunState:
     """
     from peer_dist.checkpoint.store import list_checkpoints
 
+    if run.waiting:  # its learning rate is not chosen yet: its folder is checked once it is
+        return RunState("waiting")
     checkpoints = list_checkpoints(run.run_dir / "checkpoints")
     if not checkpoints:
         return RunState("new")
@@ -134,14 +144,31 @@ def _locked(output: Path) -> Iterator[None]:
 
 
 class SweepRunner:
-    def __init__(self, spec: SweepSpec, runs: list[PlannedRun], output: Path, launch: Launch) -> None:
-        self.spec, self.runs, self.output, self.launch = spec, runs, output, launch
+    """Plans (tuning runs, then main runs with the chosen settings), trains what is not done, writes results."""
+
+    def __init__(self, spec: SweepSpec, output: Path, launch: Launch, only: list[str] | None = None) -> None:
+        self.spec, self.output, self.launch, self.only = spec, output, launch, only
+        self.tune_runs = plan_tuning(spec, output, launch, only)
+        self.runs = self._plan_main()
+
+    def _plan_main(self) -> list[PlannedRun]:
+        choices = None
+        if self.spec.tune is not None:
+            choices = {m: c.chosen for m, c in self.choices().items() if c.chosen is not None}
+        return plan_sweep(self.spec, self.output, self.launch, self.only, choices)
+
+    @property
+    def all_runs(self) -> list[PlannedRun]:
+        return self.tune_runs + self.runs
+
+    def choices(self) -> dict[str, Choice]:
+        return choose(self._results(self.tune_runs))
 
     def states(self, conflicts: list[str] | None = None) -> dict[str, RunState]:
         """Every run's state. A run folder of another configuration raises (before anything runs),
         or, with a ``conflicts`` list, is reported there and gets the state "conflict"."""
         out = {}
-        for run in self.runs:
+        for run in self.all_runs:
             try:
                 out[run.name] = run_state(run)
             except CheckpointError as exc:
@@ -152,28 +179,49 @@ class SweepRunner:
         return out
 
     def execute(self) -> int:
-        """Train every run that is not done, in plan order; results after each. Returns the exit code."""
+        """Train every run that is not done, in plan order (tuning first); results after each. Returns the exit code."""
         self.output.mkdir(parents=True, exist_ok=True)
         with _locked(self.output):
             states = self.states()
             write_atomic(self.output / "spec.toml", self.spec.path.read_text())
-            print(format_plan(self.runs, {n: s.status for n, s in states.items()}), flush=True)
+            print(format_plan(self.all_runs, {n: s.status for n, s in states.items()}), flush=True)
             self.write_results()
             stopper = _Stopper(self.launch).install()
             try:
-                code = self._run_all(states, stopper)
+                code = self._run_all(self.tune_runs, states, stopper, "tuning ") if self.tune_runs else 0
+                if code != EXIT_PREEMPTED:
+                    code = max(code, self._run_main(stopper))
             finally:
                 stopper.restore()
             paths = self.write_results()
             print("results: " + ", ".join(str(p) for p in paths), flush=True)
             return code
 
-    def _run_all(self, states: dict[str, RunState], stopper: _Stopper) -> int:
+    def _run_main(self, stopper: _Stopper) -> int:
+        if self.tune_runs:
+            self.runs = self._plan_main()  # with the settings the finished grids chose
+            for method, choice in self.choices().items():
+                if choice.chosen is None:
+                    print(f"{method}: its tuning grid has unfinished runs; its runs wait (rerun to retry)", flush=True)
+                else:
+                    print(f"{method}: chosen on the tuning split: "
+                          + ", ".join(f"{k} = {v:g}" for k, v in choice.chosen.items()), flush=True)
+        states = self.states()  # a folder trained with other settings stops the sweep here
+        code = self._run_all(self.runs, states, stopper, "")
+        waiting = sorted({r.method for r in self.runs if r.waiting})
+        if waiting and code == 0:
+            print(f"method(s) {', '.join(waiting)} wait for their tuning runs; rerun the same command", flush=True)
+            return EXIT_RUN_FAILED
+        return code
+
+    def _run_all(self, runs: list[PlannedRun], states: dict[str, RunState], stopper: _Stopper, what: str) -> int:
         failed = []
-        for i, run in enumerate(self.runs, 1):
-            tag = f"[{i}/{len(self.runs)}] {run.name}"
+        for i, run in enumerate(runs, 1):
+            tag = f"[{what}{i}/{len(runs)}] {run.name}"
             if states[run.name].status == "done":
                 print(f"{tag}: done, not retrained", flush=True)
+                continue
+            if run.waiting:
                 continue
             if stopper.stopped:
                 break
@@ -214,7 +262,8 @@ class SweepRunner:
             return EXIT_RUN_FAILED
         if code == 0:
             row = final_validation(run.run_dir, run.steps) or {}
-            print(f"{tag}: done in {wall:.0f} s, validation perplexity {row.get('val/perplexity', float('nan')):.3f}",
+            split = "tuning-split" if run.stage == "tune" else "validation"
+            print(f"{tag}: done in {wall:.0f} s, {split} perplexity {row.get('val/perplexity', float('nan')):.3f}",
                   flush=True)
         elif code != EXIT_PREEMPTED:
             print(f"{tag}: FAILED (exit {code}) after {wall:.0f} s; last lines of {log_path}:\n"
@@ -241,9 +290,9 @@ class SweepRunner:
                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         write_atomic(path, json.dumps({"attempts": attempts}, indent=1))
 
-    def results(self) -> list[RunResult]:
+    def _results(self, runs: list[PlannedRun]) -> list[RunResult]:
         out = []
-        for run in self.runs:
+        for run in runs:
             attempts = _read_attempts(self.output / "logs" / f"{run.name}.json")
             wall = sum(a["wall_s"] for a in attempts) if attempts else None
             try:
@@ -253,13 +302,21 @@ class SweepRunner:
             out.append(result_from_folder(run, _status_text(run, state, attempts), wall))
         return out
 
+    def results(self) -> list[RunResult]:
+        return self._results(self.runs)
+
     def write_results(self) -> list[Path]:
-        return write_results(self.output, self.results(), self.spec.description or self.spec.path.stem)
+        data = [describe_data(path) for path in dict.fromkeys(run.cfg.data.path for run in self.all_runs)]
+        tuning = self._results(self.tune_runs)
+        return write_results(self.output, self.results(), self.spec.description or self.spec.path.stem, data,
+                             tuning)
 
 
 def _status_text(run: PlannedRun, state: RunState, attempts: list[dict[str, Any]]) -> str:
     if state.status in ("done", "conflict"):
         return state.status
+    if state.status == "waiting":
+        return "waiting for tuning"
     last = attempts[-1] if attempts else {}
     if last.get("exit_code", 0) != 0:
         what = "stopped" if last.get("stopped") else "failed"

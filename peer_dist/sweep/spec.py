@@ -18,14 +18,28 @@ Format (see configs/sweeps/tiny.toml for a complete one)::
       { name = "n128", model.peer.num_experts = 16384 },
       { name = "n256", model.peer.num_experts = 65536 },
     ]
+    tune = { lr = [1e-3, 3e-3] } # optional: this method's own grid (replaces [tune]'s lists given here)
+
+Optional, for a fair comparison (see docs/sweeps.md)::
+
+    [sweep]
+    seeds = [0, 1]               # train.seed of each reported point's runs (mean +- spread over them)
+
+    [tune]                       # a learning-rate grid per method, chosen on the data's tuning split
+    budget = 1e12                # training FLOPs of every tuning run, the same for every method
+    size = "d64"                 # the size of each method the grid trains
+    lr = [1e-3, 2e-3, 4e-3]      # train.lr values, every method
+    table_lr_scale = [1, 3, 10]  # train.table_lr_scale values, methods whose model.ffn is pkm or peer
+    seeds = [0]                  # train.seed of the tuning runs [the first of sweep.seeds, or the config's]
 
 Keys may be written dotted (``model.d_model = 96``, TOML nests them) or quoted
 (``"model.d_model" = 96``); both mean the config key ``model.d_model``. A method is a
 label, not a kind: the kind is whatever ``model.ffn`` the overrides give (ablations use
 labels such as ``bn`` / ``no-bn`` for two PEER variants). Merge order per run:
 config defaults < base file < [overrides] < method overrides < size < the keys the
-sweep sets itself (``run.dir``, ``run.name``, ``train.max_steps``, and
-``train.warmup_steps`` when ``warmup_fraction`` is given), which the spec may not set.
+sweep sets itself (``run.dir``, ``run.name``, ``train.max_steps``, ``data.eval_split``,
+``train.warmup_steps`` when ``warmup_fraction`` is given, ``train.seed`` with
+``sweep.seeds``, and the keys a [tune] grid sets), which the spec may not set.
 """
 
 from __future__ import annotations
@@ -33,17 +47,21 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from peer_dist.errors import ConfigError
 
 # Keys the sweep derives for every run; a spec setting them would be silently ignored.
-SWEEP_OWNED_KEYS = ("run.dir", "run.name", "train.max_steps")
+SWEEP_OWNED_KEYS = ("run.dir", "run.name", "train.max_steps", "data.eval_split")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # becomes part of a run folder name
-_SWEEP_KEYS = ("base", "budgets", "min_steps", "warmup_fraction", "description")
-_METHOD_KEYS = ("overrides", "sizes")
+_SWEEP_KEYS = ("base", "budgets", "min_steps", "warmup_fraction", "description", "seeds")
+_METHOD_KEYS = ("overrides", "sizes", "tune")
+_TUNE_KEYS = ("budget", "size", "lr", "table_lr_scale", "seeds")
+# [tune] list -> the config key each value sets; table_lr_scale only for these model.ffn kinds
+TUNED_KEYS = {"lr": "train.lr", "table_lr_scale": "train.table_lr_scale"}
+TABLE_FFNS = ("pkm", "peer")
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,21 @@ class MethodSpec:
     name: str
     overrides: dict[str, Any]
     sizes: tuple[SizeSpec, ...]
+    tune: dict[str, tuple[float, ...]] = field(default_factory=dict)  # this method's own grid lists
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """The learning-rate search: every method trains its grid at one size and budget, on the tuning split."""
+
+    budget: float
+    size: str
+    grid: dict[str, tuple[float, ...]]  # "lr" / "table_lr_scale" -> values
+    seeds: tuple[int, ...] | None  # None: the sweep's first seed (or the config's)
+
+    def grid_for(self, method: MethodSpec) -> dict[str, tuple[float, ...]]:
+        """The method's grid lists: [tune]'s, with the method's own ``tune`` lists in their place."""
+        return {**self.grid, **method.tune}
 
 
 @dataclass(frozen=True)
@@ -71,6 +104,8 @@ class SweepSpec:
     min_steps: int = 10
     warmup_fraction: float | None = None
     description: str = ""
+    seeds: tuple[int, ...] | None = None  # None: one run per point with the config's train.seed
+    tune: TuneSpec | None = None
 
     def method(self, name: str) -> MethodSpec:
         for method in self.methods:
@@ -94,7 +129,7 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 def parse_spec(raw: dict[str, Any], path: Path) -> SweepSpec:
     where = f"sweep spec {path}"
-    _no_unknown(raw, ("sweep", "overrides", "methods"), where, "top level")
+    _no_unknown(raw, ("sweep", "overrides", "methods", "tune"), where, "top level")
     sweep = _table(raw.get("sweep"), f"{where}: [sweep]", required=True)
     _no_unknown(sweep, _SWEEP_KEYS, where, "[sweep]")
     base = sweep.get("base")
@@ -110,7 +145,10 @@ def parse_spec(raw: dict[str, Any], path: Path) -> SweepSpec:
         min_steps=_min_steps(sweep.get("min_steps", 10), where),
         warmup_fraction=_warmup_fraction(sweep.get("warmup_fraction"), where),
         description=str(sweep.get("description", "")),
+        seeds=_seeds(sweep.get("seeds"), where, "sweep.seeds"),
     )
+    if "tune" in raw:
+        spec = replace(spec, tune=_tune(_table(raw["tune"], f"{where}: [tune]"), spec, where))
     _check_owned_keys(spec, where)
     return spec
 
@@ -123,7 +161,11 @@ def with_overrides(spec: SweepSpec, pairs: list[str]) -> SweepSpec:
         if not sep or not key:
             raise ConfigError(f"override {pair!r} is not key=value (e.g. data.path=data/my-corpus)")
         extra[key.strip()] = value  # a string: load_config parses it like a `train` override
-    spec = replace(spec, overrides={**spec.overrides, **extra})
+    description = spec.description
+    if "data.path" in extra and str(extra["data.path"]) != str(spec.overrides.get("data.path")):
+        # The description may name the spec's own data; the results name the data used (its manifest).
+        description = ""
+    spec = replace(spec, overrides={**spec.overrides, **extra}, description=description)
     _check_owned_keys(spec, f"sweep spec {spec.path} with the command-line overrides")
     return spec
 
@@ -194,6 +236,54 @@ def _warmup_fraction(value: Any, where: str) -> float | None:
     return float(value)
 
 
+def _seeds(value: Any, where: str, key: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                                                       for s in value):
+        raise ConfigError(f"{where}: {key} must be a non-empty list of integers >= 0 (train.seed values), "
+                          f"e.g. [0, 1], got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}: {key} = {value} has duplicates; each seed once")
+    return tuple(value)
+
+
+def _grid_list(value: Any, where: str, key: str) -> tuple[float, ...]:
+    low = 0.0 if key == "table_lr_scale" else None  # lr > 0; a table scale of 0 freezes the tables (allowed)
+    ok = isinstance(value, list) and value and all(
+        not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 if low is None
+                                                                                            else v >= 0)
+        for v in value)
+    if not ok:
+        allowed = "numbers > 0" if low is None else "numbers >= 0"
+        raise ConfigError(f"{where}: tune {key} must be a non-empty list of {allowed}, e.g. "
+                          f"{'[1e-3, 2e-3, 4e-3]' if key == 'lr' else '[1, 3, 10]'}, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}: tune {key} = {value} has duplicates")
+    return tuple(float(v) for v in value)
+
+
+def _tune(table: dict[str, Any], spec: SweepSpec, where: str) -> TuneSpec:
+    _no_unknown(table, _TUNE_KEYS, where, "[tune]")
+    budget = table.get("budget")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise ConfigError(f"{where}: tune.budget must be a positive number of training FLOPs per tuning run "
+                          f"(the same for every method), got {budget!r}")
+    size = table.get("size")
+    if not isinstance(size, str):
+        raise ConfigError(f"{where}: tune.size must name the size of each method the grid trains "
+                          f"(e.g. \"{spec.methods[0].sizes[0].name}\"), got {size!r}")
+    for method in spec.methods:
+        if size not in {s.name for s in method.sizes}:
+            raise ConfigError(f"{where}: tune.size = {size!r}, but method {method.name} has no such size; it has: "
+                              f"{', '.join(s.name for s in method.sizes)}")
+    if "lr" not in table:
+        raise ConfigError(f"{where}: [tune] needs lr, the list of train.lr values every method tries")
+    grid = {key: _grid_list(table[key], where, key) for key in TUNED_KEYS if key in table}
+    seeds = _seeds(table.get("seeds"), where, "tune.seeds")
+    return TuneSpec(float(budget), size, grid, seeds)
+
+
 def _methods(value: Any, where: str) -> tuple[MethodSpec, ...]:
     if not isinstance(value, dict) or not value:
         raise ConfigError(f"{where}: [methods.<name>] tables are missing; add at least one, e.g. [methods.peer]")
@@ -204,7 +294,10 @@ def _methods(value: Any, where: str) -> tuple[MethodSpec, ...]:
         table = _table(table, label)
         _no_unknown(table, _METHOD_KEYS, where, f"[methods.{name}]")
         overrides = flatten(_table(table.get("overrides", {}), f"{label}.overrides"))
-        methods.append(MethodSpec(name, overrides, _sizes(table.get("sizes"), label)))
+        tune = _table(table.get("tune", {}), f"{label}.tune")
+        _no_unknown(tune, tuple(TUNED_KEYS), where, f"methods.{name}.tune")
+        grid = {key: _grid_list(values, f"{where}: methods.{name}", key) for key, values in tune.items()}
+        methods.append(MethodSpec(name, overrides, _sizes(table.get("sizes"), label), grid))
     return tuple(methods)
 
 
@@ -242,7 +335,15 @@ def _check_label(name: Any, where: str) -> None:
 
 
 def _check_owned_keys(spec: SweepSpec, where: str) -> None:
+    if spec.tune is None and any(m.tune for m in spec.methods):
+        name = next(m.name for m in spec.methods if m.tune)
+        raise ConfigError(f"{where}: methods.{name}.tune gives a grid but the spec has no [tune] table "
+                          "(budget, size, lr); add one")
     owned = SWEEP_OWNED_KEYS + (("train.warmup_steps",) if spec.warmup_fraction is not None else ())
+    owned += ("train.seed",) if spec.seeds is not None or (spec.tune and spec.tune.seeds) else ()
+    tuned = {TUNED_KEYS[k] for k in spec.tune.grid} | {TUNED_KEYS[k] for m in spec.methods for k in m.tune} \
+        if spec.tune else set()
+    owned += tuple(sorted(tuned))
     tables = [("[overrides]", spec.overrides)]
     for method in spec.methods:
         tables.append((f"methods.{method.name}.overrides", method.overrides))
@@ -250,6 +351,9 @@ def _check_owned_keys(spec: SweepSpec, where: str) -> None:
     for label, table in tables:
         for key in owned:
             if key in table:
-                why = ("set from sweep.warmup_fraction" if key == "train.warmup_steps"
-                       else "set by the sweep for every run (steps come from the FLOP budget)")
+                why = {"train.warmup_steps": "set from sweep.warmup_fraction",
+                       "train.seed": "set from sweep.seeds / tune.seeds",
+                       "data.eval_split": "set by the sweep (tune for tuning runs, val for the others)"}.get(
+                    key, "chosen by the [tune] grid" if key in tuned
+                    else "set by the sweep for every run (steps come from the FLOP budget)")
                 raise ConfigError(f"{where}: {label} sets {key}, which is {why}; remove it")

@@ -26,7 +26,7 @@ from peer_dist.train.metrics import evaluate
 
 
 def run_eval(checkpoint: str | Path, data_path: str | None = None, batch_size: int | None = None,
-             max_batches: int | None = None, device: str = "auto") -> dict[str, float]:
+             max_batches: int | None = None, device: str = "auto", split: str = "val") -> dict[str, float]:
     for flag, value in (("--batch-size", batch_size), ("--batches", max_batches)):
         if value is not None and value < 1:  # 0 batches would "evaluate" to perplexity 1.000
             raise ConfigError(f"{flag} must be >= 1, got {value}")
@@ -53,13 +53,14 @@ def run_eval(checkpoint: str | Path, data_path: str | None = None, batch_size: i
     model = model_from_state(cfg, weights, ckpt.path).to(torch_device)
     batches = val_batches(data_dir, rank=env.rank, world=env.world,
                           batch_size=batch_size or cfg.train.micro_batch_size, max_batches=max_batches,
-                          read_retries=cfg.data.read_retries, retry_wait_s=cfg.data.retry_wait_s)
+                          read_retries=cfg.data.read_retries, retry_wait_s=cfg.data.retry_wait_s, split=split)
     metrics = evaluate(model, batches, torch_device)
     metrics["step"] = float(ckpt.step)
     get_logger().info("evaluated %s", ckpt.path)
     if env.is_main:
         print(f"checkpoint: {ckpt.path}")
-        print(f"validation loss {metrics['val/loss']:.4f}  perplexity {metrics['val/perplexity']:.3f}")
+        what = "validation" if split == "val" else f"{split} split"
+        print(f"{what} loss {metrics['val/loss']:.4f}  perplexity {metrics['val/perplexity']:.3f}")
         print("metrics: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}))
     finish_distributed()
     return metrics

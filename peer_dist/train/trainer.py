@@ -123,6 +123,7 @@ def _set_up(cfg: Config) -> _Setup:
     init_distributed(env, pick_backend(cfg.train.backend, device), timeout_s=cfg.train.collective_timeout_s,
                      device=device)
     manifest = Manifest.load(cfg.data.path, read_retries=cfg.data.read_retries, retry_wait_s=cfg.data.retry_wait_s)
+    manifest.num_samples(cfg.data.eval_split)  # a missing split (data.eval_split = "tune") fails now, not after training
     vocab = cfg.model.vocab_size or manifest.vocab_size
     if vocab < manifest.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the data's tokenizer vocabulary "
@@ -614,7 +615,9 @@ def _validate(cfg: Config, setup: _Setup, step: int) -> dict[str, float]:
     layout = setup.layout  # TP ranks evaluate the same batches; evaluate() averages them out
     batches = val_batches(cfg.data.path, rank=layout.dp_index(env.rank), world=layout.dp,
                           batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches,
-                          read_retries=cfg.data.read_retries, retry_wait_s=cfg.data.retry_wait_s)
+                          read_retries=cfg.data.read_retries, retry_wait_s=cfg.data.retry_wait_s,
+                          split=cfg.data.eval_split)
+    # val/* metrics are of data.eval_split: the validation split, or the tuning split while tuning
     metrics = evaluate(setup.engine.module, batches, setup.device)
     setup.writer.scalars(metrics, step)
     get_logger().info("step %d  validation loss %.4f  perplexity %.2f", step, metrics["val/loss"],
