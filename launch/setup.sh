@@ -17,6 +17,7 @@ fi
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 # [gpu] is Triton: its CPU interpreter lets the tests check the fused kernels without a GPU.
 # [hf] is transformers: the tests load `peer-dist export --format hf` folders with it.
-"$VENV/bin/python" -m pip install -q -e ".[dev,mpi,gpu,hf]"
+# [lora] is peft: LoRA adapters (train.lora_rank), the lifelong experiment's variant (g).
+"$VENV/bin/python" -m pip install -q -e ".[dev,mpi,gpu,hf,lora]"
 echo "$want" > "$stamp"
 echo "environment ready: $VENV"
