@@ -50,6 +50,8 @@ def test_lifelong_equal_flops_params_and_rerun(experiment: tuple[Path, str, list
 
     rows = {line.split("\t")[0]: line.split("\t") for line in (out / "results.tsv").read_text().splitlines()[1:]}
     assert list(rows) == VARIANTS and (out / "forgetting.png").stat().st_size > 0
+    assert sorted(p.name for p in out.glob("a-dense-ft.step_*.eval-A.txt")) == [
+        "a-dense-ft.step_000002.eval-A.txt", "a-dense-ft.step_000003.eval-A.txt"]  # dense's curve: every checkpoint
     total = sum(v.numel() for v in final_weights(out / "a-dense-ft").values())
     assert rows["a-dense-ft"][-2:] == [str(total), str(total)]
     lora = sum(v.numel() for k, v in final_weights(out / "g-dense-lora-2").items() if ".lora_" in k)
@@ -68,3 +70,13 @@ def test_lifelong_equal_flops_params_and_rerun(experiment: tuple[Path, str, list
     assert "lifelong: train" not in again and "lifelong: grow" not in again and "lifelong: usage" not in again
     assert [line for line in again.splitlines() if line.startswith("lifelong: ")] == ["lifelong: eval-b-peer-ft-B"]
     assert (out / "results.tsv").read_text().splitlines()[1:] == ["\t".join(r) for r in rows.values()]
+
+
+def test_dense_forgetting_at_a_perplexity_interpolates_its_curve() -> None:
+    from peer_dist.sweep.lifelong_results import dense_forgetting_at
+
+    curve = [(10.0, 0.4), (14.0, 0.2), (28.0, 0.0)]  # (B perplexity, forgetting), by perplexity
+    assert dense_forgetting_at(curve, 12.0) == pytest.approx(0.3)
+    assert dense_forgetting_at(curve, 21.0) == pytest.approx(0.1)
+    assert dense_forgetting_at(curve, 14.0) == pytest.approx(0.2)
+    assert dense_forgetting_at(curve, 9.0) is None and dense_forgetting_at(curve, 30.0) is None

@@ -15,8 +15,9 @@ never run again: a train run whose newest checkpoint is at its planned step is s
 and usage skip outputs that exist, evaluations skip result files that exist. An interrupted
 train run resumes from its newest checkpoint (written every ``--ckpt-interval`` steps).
 
-Output folder: the runs, ``<run>.eval-{A,B}.txt``, ``logs/<step>.log``, ``plan.json`` (the
-steps per variant), ``results.tsv``, ``results.md`` and ``forgetting.png``.
+Output folder: the runs, ``<run>.eval-{A,B}.txt`` (and ``a-dense-ft.<step>.eval-{A,B}.txt`` for
+every checkpoint of dense fine-tuning: its forgetting curve), ``logs/<step>.log``, ``plan.json``
+(the steps per variant), ``results.tsv``, ``results.md`` and ``forgetting.png``.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Experiment:
         self.usage = self.out / "A-peer-usage.pt"
         self.variants = variants(args.sparse_t, args.lora_rank, self.usage, args.sparse_lr_scale)
         common = ["train.progress=false", "train.eval_interval=0", f"train.ckpt_interval={args.ckpt_interval}",
-                  f"run.dir={self.out}"]
+                  "train.ckpt_keep=1000", f"run.dir={self.out}"]  # every checkpoint: (a)'s forgetting curve
         self.phase_a = [f"data.path={args.data_a}", f"train.max_steps={args.a_steps}", *common]
         self.phase_b = [f"data.path={args.data_b}", f"train.warmup_steps={args.warmup}", f"train.lr={args.lr}",
                         *common]
@@ -99,10 +100,23 @@ class Experiment:
                     text = self._call(f"eval-{run}-{data}", ["eval", str(self.out / run), "--data", str(path),
                                                              "--batches", str(self.args.eval_batches)])
                     file.write_text(text)
+        self._dense_curve()
         from peer_dist.sweep.lifelong_results import write_results
 
         print(write_results(self.out, self.variants, plan))
         return 0
+
+    def _dense_curve(self) -> None:
+        """Evaluate every kept checkpoint of dense fine-tuning (a): its forgetting as B perplexity falls,
+        the reference "at the same phase-B perplexity" (lifelong_results.dense_forgetting_at)."""
+        from peer_dist.checkpoint.store import list_checkpoints
+
+        for ckpt in list_checkpoints(self.out / "a-dense-ft" / "checkpoints"):
+            for data, path in (("A", self.args.data_a), ("B", self.args.data_b)):
+                file = self.out / f"a-dense-ft.{ckpt.path.name}.eval-{data}.txt"
+                if not (file.is_file() and file.stat().st_size):
+                    file.write_text(self._call(f"eval-a-dense-ft-{ckpt.path.name}-{data}", [
+                        "eval", str(ckpt.path), "--data", str(path), "--batches", str(self.args.eval_batches)]))
 
     def _phase_b(self, v: Variant, steps: int) -> None:
         overrides = [f"run.name={v.name}", f"train.max_steps={steps}", *self.phase_b, *v.overrides]
