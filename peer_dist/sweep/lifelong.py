@@ -107,11 +107,16 @@ class Experiment:
         return 0
 
     def _dense_curve(self) -> None:
-        """Evaluate every kept checkpoint of dense fine-tuning (a): its forgetting as B perplexity falls,
-        the reference "at the same phase-B perplexity" (lifelong_results.dense_forgetting_at)."""
+        """Evaluate checkpoints of dense fine-tuning (a): its forgetting as B perplexity falls, the reference
+        "at the same phase-B perplexity" (lifelong_results.dense_forgetting_at). Forgetting rises fastest
+        at the start, so the curve takes every checkpoint of the first tenth of phase B (steps // 100
+        apart) and one per tenth after it."""
         from peer_dist.checkpoint.store import list_checkpoints
 
+        tenth = max(1, self.args.b_steps // 10)
         for ckpt in list_checkpoints(self.out / "a-dense-ft" / "checkpoints"):
+            if ckpt.step > tenth and ckpt.step % tenth:
+                continue
             for data, path in (("A", self.args.data_a), ("B", self.args.data_b)):
                 file = self.out / f"a-dense-ft.{ckpt.path.name}.eval-{data}.txt"
                 if not (file.is_file() and file.stat().st_size):
@@ -120,6 +125,8 @@ class Experiment:
 
     def _phase_b(self, v: Variant, steps: int) -> None:
         overrides = [f"run.name={v.name}", f"train.max_steps={steps}", *self.phase_b, *v.overrides]
+        if v.name == "a-dense-ft":  # checkpoints for the curve of its forgetting along phase B (_dense_curve)
+            overrides.append(f"train.ckpt_interval={max(1, steps // 100)}")
         if not v.grow:
             self._train(v.name, steps, ["--init-from", str(self.out / v.base), *overrides])
             return
@@ -196,8 +203,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="phase-B budget: the training FLOPs of this many steps of dense fine-tuning (a) [100]")
     p.add_argument("--lr", type=float, default=1e-3, help="phase-B peak learning rate [1e-3]")
     p.add_argument("--warmup", type=int, default=10, help="phase-B warmup steps [10]")
-    p.add_argument("--sparse-t", type=int, nargs="+", default=[256, 2048, 8192],
-                   help="experts per layer updated by variant (f), one run per value [256 2048 8192]")
+    p.add_argument("--sparse-t", type=int, nargs="+", default=[256, 2048],
+                   help="experts per layer updated by variant (f), one run per value [256 2048]")
     p.add_argument("--sparse-lr-scale", type=float, default=10.0,
                    help="variant (f): the selected rows' learning rate / --lr (train.table_lr_scale); sparse "
                         "memory finetuning trains its few slots at a much higher rate than full finetuning [10]")
