@@ -17,9 +17,10 @@ fi
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 # [gpu] is Triton: its CPU interpreter lets the tests check the fused kernels without a GPU.
 # [hf] is transformers: the tests load `peer-dist export --format hf` folders with it.
-"$VENV/bin/python" -m pip install -q -e ".[dev,mpi,gpu,hf]"
+# [lora] is peft: LoRA adapters (train.lora_rank), the lifelong experiment's variant (g).
+"$VENV/bin/python" -m pip install -q -e ".[dev,mpi,gpu,hf,lora]"
 # The C kernels of peer_dist.native, compiled now rather than at the first training step.
 "$VENV/bin/python" -m peer_dist.native > /dev/null \
-  || echo "warning: no C compiler: product-key top-k falls back to torch.topk (slower)"
+  || echo "warning: no C compiler: the CPU kernels fall back to torch (slower)"
 echo "$want" > "$stamp"
 echo "environment ready: $VENV"

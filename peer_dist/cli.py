@@ -1,5 +1,5 @@
 """`peer-dist` command line: prepare | prepare-merge | tokenizer | verify | train | eval | export | grow | usage | generate |
-bench | torchrun | sweep."""
+bench | torchrun | sweep | lifelong."""
 
 from __future__ import annotations
 
@@ -125,6 +125,12 @@ def _sweep(args: argparse.Namespace) -> int:
     from peer_dist.sweep import cli as sweep_cli
 
     return sweep_cli.run(args)
+
+
+def _lifelong(args: argparse.Namespace) -> int:
+    from peer_dist.sweep import lifelong
+
+    return lifelong.run(args)
 
 
 def _prepare_arguments(p: argparse.ArgumentParser) -> None:
@@ -307,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench, bench_run=generate_bench.run)
 
     from peer_dist.sweep import cli as sweep_cli
+    from peer_dist.sweep import lifelong
 
     p = sub.add_parser("torchrun", help="torchrun that exits with the job's code (2 user error, 75 stopped) "
                        "instead of a traceback: peer-dist torchrun [torchrun options] COMMAND [args]")
@@ -315,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="isoFLOP sweep: train every (budget, method, size) of a spec, table + plot")
     sweep_cli.add_arguments(p)
     p.set_defaults(func=_sweep)
+    p = sub.add_parser("lifelong", help="the forgetting experiment: phase A, variants (a)-(g) on phase-B data at "
+                       "equal training FLOPs, evaluations, table + plot (resumable)")
+    lifelong.add_arguments(p)
+    p.set_defaults(func=_lifelong)
     parser.commands = list(sub.choices)  # what `peer-dist torchrun` may run
     return parser
 

@@ -149,6 +149,11 @@ class TrainConfig:
     # "step": rank each step's own batch; "phase": one selection from sparse_experts_target.
     sparse_experts_select: str = _choice("step", ("step", "phase"))
     sparse_experts_target: str = ""  # usage file of the new data ("phase")
+    # LoRA (Hu et al. 2021) on a dense model, through the peft library (the [lora] extra): every Linear
+    # named in lora_targets gets W x + (alpha / rank) B A x with B = 0 at the start; only A and B train.
+    lora_rank: int = _at_least(0, 0)  # 0: off
+    lora_alpha: float = _at_least(16.0, 0.0)
+    lora_targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "fc_in", "fc_out"])
     zero_stage: int = _choice(0, (0, 1, 2))
     precision: str = _choice("fp32", ("fp32", "bf16"))
     seed: int = 0
@@ -466,6 +471,38 @@ def _validate_growth(cfg: Config) -> None:
                           "make one with `peer-dist grow RUN --num-experts M -o NEW_RUN`")
     if t.old_expert_lr_scale != 1.0 and t.expert_update != "sparse":
         raise ConfigError("train.old_expert_lr_scale needs train.expert_update = \"sparse\" (row updates)")
+    _validate_lora(cfg)
+
+
+# Linear layers LoRA may adapt (peer_dist/model/lora.py): attention projections and dense MLP matrices.
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "fc_in", "fc_gate", "fc_out")
+
+
+def _validate_lora(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
+    if not t.lora_rank:
+        return
+    unknown = [name for name in t.lora_targets if name not in LORA_TARGETS]
+    if unknown or not t.lora_targets:
+        raise ConfigError(f"train.lora_targets = {t.lora_targets!r}: give one or more of {', '.join(LORA_TARGETS)}")
+    if "fc_gate" in t.lora_targets and m.mlp != "swiglu":
+        raise ConfigError("train.lora_targets names fc_gate, which only model.mlp = \"swiglu\" has")
+    special = resolve_ffn_blocks(m.ffn_blocks, m.n_layers) if m.ffn != "dense" else []
+    if special or m.add_peer != "none":
+        raise ConfigError(f"train.lora_rank = {t.lora_rank} adapts a dense model; this one has model.ffn = {m.ffn!r} "
+                          f"in blocks {special}{' and added PEER layers' if m.add_peer != 'none' else ''} "
+                          "(use model.ffn = \"dense\", or train.trainable / train.sparse_experts for PEER models)")
+    if t.trainable != "all" or t.sparse_experts:
+        raise ConfigError("train.lora_rank > 0 trains only the LoRA adapters: leave train.trainable = \"all\" and "
+                          "train.sparse_experts = 0")
+    if cfg.parallel.tp > 1:
+        raise ConfigError(f"train.lora_rank > 0 does not combine with parallel.tp = {cfg.parallel.tp} (tensor "
+                          "parallelism would split the adapters' base layers); use parallel.tp = 1")
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError("train.lora_rank > 0 needs the peft library, which is not installed: "
+                          "pip install -e '.[lora]' (launch/setup.sh installs it)")
 
 
 def _validate_parallel(cfg: Config) -> None:
@@ -542,6 +579,8 @@ HASHED_UNLESS_DEFAULT = {
     "model.peer.grown_from": 0, "model.add_peer": "none", "model.add_peer_blocks": "middle",
     "train.old_expert_lr_scale": 1.0, "train.trainable": "all", "train.sparse_experts": 0,
     "train.sparse_experts_background": "", "train.sparse_experts_select": "step", "train.sparse_experts_target": "",
+    "train.lora_rank": 0, "train.lora_alpha": 16.0,
+    "train.lora_targets": ["wq", "wk", "wv", "wo", "fc_in", "fc_out"],
 }
 
 

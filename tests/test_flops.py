@@ -290,3 +290,61 @@ def test_format_lists_every_term_and_the_total() -> None:
     total_line = next(line for line in text.splitlines() if line.startswith("total"))
     assert f"{model_flops_per_token(small(ffn='peer'), VOCAB, SEQ):.4g}" in total_line
     assert f"{total_params(small(ffn='peer'), VOCAB):,}" in text
+
+
+# ---- training with frozen weights (train.trainable, train.lora_rank) ----------------------------
+
+
+def _config(model: ModelConfig, **train: object):  # noqa: ANN202 (a Config)
+    from peer_dist.config import Config, TrainConfig, validate
+
+    cfg = Config(model=model, train=TrainConfig(**train))
+    validate(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize(("targets", "mlp"), [(["wq", "wk", "wv", "wo", "fc_in", "fc_out"], "gelu"),
+                                              (["fc_out"], "gelu"), (["wv", "fc_gate"], "swiglu")])
+def test_lora_training_flops_equal_flop_counter(targets: list[str], mlp: str) -> None:
+    """The matmuls autograd actually runs with a frozen base and LoRA adapters: no weight gradient of the
+    base, no input gradient below the lowest adapter (with only fc_out adapted, block 0's attention and
+    fc_in run forward only). Scores: FlopCounterMode does not see the CPU attention kernel."""
+    from peer_dist.model.flops import training_flops_breakdown
+    from peer_dist.model.lora import apply_lora
+
+    cfg = _config(small(mlp=mlp), lora_rank=3, lora_targets=targets)
+    torch.manual_seed(0)
+    model = apply_lora(build_model(cfg.model, VOCAB), cfg.train)
+    tokens = torch.randint(0, VOCAB, (3, SEQ))
+    with FlopCounterMode(display=False) as counter:
+        model(tokens).sum().backward()
+    terms = training_flops_breakdown(cfg, VOCAB, SEQ)
+    counted = sum(t.train for name, t in terms.items() if name != "attention.scores")
+    assert counter.get_total_flops() / tokens.numel() == counted
+    assert terms["lm_head"].backward == 2 * 16 * VOCAB  # dX only: the tied embedding is frozen
+
+
+def test_training_flops_with_everything_trained_are_model_flops() -> None:
+    from peer_dist.model.flops import training_flops_per_token
+
+    for model in (small(), small(ffn="peer", ffn_blocks=[1]), small(ffn="pkm", ffn_blocks=[0]),
+                  small(ffn="moe", ffn_blocks="all"), small(mlp="swiglu", add_peer="residual", add_peer_blocks=[0])):
+        assert training_flops_per_token(_config(model), VOCAB, SEQ) == model_flops_per_token(model, VOCAB, SEQ)
+
+
+def test_added_peer_on_a_frozen_dense_model_hand_count() -> None:
+    """d = 16, L = 2, d_ff = 32, V = 50, T = 10; residual PEER (h 2, k 4, d_key 8, n 8) in block 1, only it
+    trains. Block 0 and block 1's attention and FFN: forward only (nothing below them trains). The added
+    layer: query dW; keys dX (into the trained query) and dW; candidates; experts dX of the gate (2 d per
+    slot, not of the input: it needs none) and dW of u, v (4 d per slot). Above it only the lm_head: dX."""
+    from peer_dist.model.flops import training_flops_per_token
+
+    cfg = _config(small(add_peer="residual", add_peer_blocks=[1]), trainable="added")
+    forward = (2 * 16 * VOCAB + 2 * (8 * 16 * 16 + 4 * SEQ * 16 + 4 * 16 * 32)  # dense model forward
+               + 2 * 16 * 2 * 8 + 2 * 2 * 8 * 8 + 2 * M_TOPK4 + 4 * 16 * 2 * 4)  # the added layer's forward
+    backward = (2 * 16 * 2 * 8  # query dW
+                + 2 * 2 * 4 * 8 * 2  # keys: dX into the query, dW of the k sub-key rows
+                + 2 * 2 * M_TOPK4  # candidates
+                + (2 + 4) * 16 * 2 * 4  # experts: gate dX, u/v dW
+                + 2 * 16 * VOCAB)  # lm_head dX
+    assert training_flops_per_token(cfg, VOCAB, SEQ) == forward + backward

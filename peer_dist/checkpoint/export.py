@@ -87,7 +87,7 @@ def export_checkpoint(source: str | Path, output: str | Path, overwrite: bool = 
         raise CheckpointError(f"{output} already holds an export; pass --overwrite to replace it")
     fingerprint = str(ckpt.trainer_state().get("data_fingerprint", ""))
     manifest = _training_manifest(ckpt, fingerprint, data)
-    state = {name: t.detach().contiguous() for name, t in load_module_state(ckpt).items()}
+    state = {name: t.detach().contiguous() for name, t in plain_module_state(ckpt).items()}
     config = _config_with_vocab(ckpt.path / CONFIG, state["embed.weight"].shape[0])
     info = {"format": FORMAT, "version": FORMAT_VERSION, "step": ckpt.step, "data_fingerprint": fingerprint,
             "source": str(ckpt.path), "vocab_size": int(state["embed.weight"].shape[0]),
@@ -126,12 +126,27 @@ def _training_manifest(ckpt: Checkpoint, fingerprint: str, data: str | None) -> 
     return manifest
 
 
+def plain_module_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The checkpoint's unsharded weights; a LoRA run's (train.lora_rank > 0) with the adapters merged
+    into their base weights, under the plain model's names."""
+    from peer_dist.config import from_dict
+    from peer_dist.inference.loading import model_from_state
+
+    state = load_module_state(ckpt)
+    cfg = from_dict(tomllib.loads((ckpt.path / CONFIG).read_text()))
+    if not cfg.train.lora_rank:
+        return state
+    return model_from_state(cfg, state, ckpt.path).state_dict()
+
+
 def _config_with_vocab(config_path: Path, vocab: int) -> str:
-    """The checkpoint's config with ``model.vocab_size`` = the trained vocabulary (not 0 = from the data)."""
+    """The checkpoint's config with ``model.vocab_size`` = the trained vocabulary (not 0 = from the data);
+    train.lora_rank = 0, since the export's weights have any adapters merged (:func:`plain_module_state`)."""
     from peer_dist.config import dump_toml, from_dict
 
     cfg = from_dict(tomllib.loads(config_path.read_text()))
     cfg.model.vocab_size = int(vocab)
+    cfg.train.lora_rank = 0
     return dump_toml(cfg)
 
 

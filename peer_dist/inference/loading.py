@@ -32,14 +32,20 @@ class LoadedModel:
 
 
 def model_from_state(cfg: Config, weights: dict[str, torch.Tensor], source: Path) -> TransformerLM:
-    """The unsharded LM of ``cfg`` holding ``weights`` (every name must match)."""
+    """The unsharded LM of ``cfg`` holding ``weights`` (every name must match).
+
+    A LoRA run's weights (train.lora_rank > 0) load into the adapted model, whose adapters are
+    then merged into their base weights: the result is the plain model of ``cfg.model``.
+    """
+    from peer_dist.model.lora import apply_lora, merge_lora
+
     vocab = weights["embed.weight"].shape[0] if "embed.weight" in weights else cfg.model.vocab_size
-    model = build_model(cfg.model, vocab)
+    model = apply_lora(build_model(cfg.model, vocab), cfg.train)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {source} does not match its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
-    return model
+    return merge_lora(model) if cfg.train.lora_rank else model
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:

@@ -43,6 +43,20 @@ candidate pairs of product_keys.candidate_ranks, 50 for k = 16):
 Backward = 2 x forward for every term except keys: 4 h k d_key (per head and
 half: grad q = sum_k g c_k, 2 k d_key/2, plus grad of the k sub-key rows, same).
 
+Training with frozen weights (``training_flops_per_token``: train.trainable, train.lora_rank):
+the backward of a term splits into dX (the gradient of its inputs) and dW (of its
+weights). dW is counted only for a term whose weights train; dX only where a gradient
+must flow back: into a term whose input depends on a trained weight further down (or,
+inside an attention or PEER/PKM layer, on an earlier trained part of the same layer).
+Autograd computes exactly these: it builds no backward for tensors that need no grad.
+So a frozen model below a trained layer costs its forward only. Per term, with
+everything trained, dX + dW is the backward above (dense: dX = dW = forward; keys:
+2 h k d_key each; experts: 4 d h k each; candidates and attention scores: dX only).
+Frozen expert rows (train.old_expert_lr_scale = 0, unselected experts of
+train.sparse_experts) are counted as trained: their row gradients are computed, then
+dropped. A LoRA adapter on a Linear d_in -> d_out (rank r) adds forward 2 r (d_in + d_out),
+dW 2 r (d_in + d_out) and dX 2 r d_out (into A's output) + 2 r d_in when its input needs one.
+
 Parameter counts (``total_params`` / ``active_params``) count the model's actual
 parameters, norms and embeddings included (tied embeddings once). Active = total
 minus the experts / values a token does not retrieve (at most h*k, at most N).
@@ -52,7 +66,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peer_dist.config import ModelConfig, resolve_ffn_blocks
+from typing import Any
+
+from peer_dist.config import Config, ModelConfig, resolve_ffn_blocks
 from peer_dist.errors import ConfigError
 from peer_dist.model.peer import validate_peer_config
 from peer_dist.model.pkm import validate_pkm_config
@@ -69,6 +85,9 @@ __all__ = [
     "format_flops_breakdown",
     "model_flops_per_token",
     "total_params",
+    "training_flops_breakdown",
+    "training_flops_per_token",
+    "trainable_params",
 ]
 
 
@@ -132,6 +151,111 @@ def flops_breakdown(cfg: ModelConfig, vocab_size: int, seq_len: int) -> dict[str
 def model_flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     """Training (forward + backward) FLOPs per token of the whole model."""
     return sum(term.train for term in flops_breakdown(cfg, vocab_size, seq_len).values())
+
+
+def training_flops_per_token(cfg: Config, vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs per token of ``cfg`` as it trains: frozen weights get no weight gradient, and no
+    input gradient flows below the lowest trained weight (module docstring). With every weight
+    trained (train.trainable = "all", no LoRA) this is :func:`model_flops_per_token`."""
+    return sum(term.train for term in training_flops_breakdown(cfg, vocab_size, seq_len).values())
+
+
+def training_flops_breakdown(cfg: Config, vocab_size: int, seq_len: int) -> dict[str, FlopCount]:
+    """As :func:`flops_breakdown` (same keys, plus "lora" when train.lora_rank > 0), each term's backward
+    reduced to the dX and dW that training ``cfg`` computes."""
+    _require_positive("vocab_size", vocab_size)
+    _require_positive("seq_len", seq_len)
+    m, t = cfg.model, cfg.train
+    trains = _trained_groups(cfg)
+    special = set(resolve_ffn_blocks(m.ffn_blocks, m.n_layers)) if m.ffn != "dense" else set()
+    added = set(resolve_ffn_blocks(m.add_peer_blocks, m.n_layers)) if m.add_peer != "none" else set()
+    lora = set(t.lora_targets) if t.lora_rank else set()
+    out: dict[str, FlopCount] = {}
+
+    def add(name: str, count: FlopCount) -> None:
+        out[name] = out.get(name, FlopCount(0.0, 0.0)) + count
+
+    def linear(name: str, target: str, d_in: int, d_out: int, needs_dx: bool, trained: bool) -> bool:
+        """One Linear (plus its adapter); returns whether its output depends on a trained weight."""
+        forward = 2.0 * d_in * d_out
+        add(name, FlopCount(forward, forward * (needs_dx + trained)))
+        if target in lora:
+            r = t.lora_rank
+            add("lora", FlopCount(2.0 * r * (d_in + d_out), 2.0 * r * (d_in + d_out) + 2.0 * r * d_out
+                                  + (2.0 * r * d_in if needs_dx else 0.0)))
+            return True
+        return needs_dx or trained
+
+    grad = "embed" in trains  # does the residual stream depend on a trained weight?
+    d = m.d_model
+    add("lm_head", FlopCount(0.0, 0.0))
+    for block in range(m.n_layers):
+        # attention: q, k, v -> scores -> o
+        qkv = [linear("attention.proj", name, d, d, grad, "dense" in trains) for name in ("wq", "wk", "wv")]
+        scores = 4.0 * seq_len * d
+        add("attention.scores", FlopCount(scores, 2.0 * scores if any(qkv) else 0.0))
+        attn = linear("attention.proj", "wo", d, d, any(qkv), "dense" in trains)
+        ffn_in = grad or attn
+        # The block's FFN and, beside it or instead of it, an added PEER layer: both read the same input.
+        kinds = [] if m.add_peer == "replace" and block in added else [(m.ffn if block in special else "dense", "ffn")]
+        kinds += [("peer", "added")] if block in added else []
+        outputs = [_ffn_training(cfg, kind, ffn_in, trains, where, add, linear) for kind, where in kinds]
+        grad = ffn_in or any(outputs)
+    head = 2.0 * d * vocab_size
+    out["lm_head"] = FlopCount(head, head * (grad + ("embed" in trains)))
+    return out
+
+
+def _trained_groups(cfg: Config) -> set[str]:
+    """Which weights train: "embed", "dense" (attention, dense MLPs, MoE), "ffn.<part>" and "added.<part>"
+    for the PEER/PKM layers of model.ffn and of model.add_peer (part: query, keys, tables)."""
+    t = cfg.train
+    parts = ("query", "keys", "tables")
+    if t.lora_rank:
+        return set()
+    if t.trainable == "all":
+        return {"embed", "dense", *(f"{w}.{p}" for w in ("ffn", "added") for p in parts)}
+    if t.trainable == "peer":
+        return {f"{w}.{p}" for w in ("ffn", "added") for p in parts} if cfg.model.ffn == "peer" else \
+            {f"added.{p}" for p in parts}
+    if t.trainable == "added":
+        return {f"added.{p}" for p in parts}
+    return {"ffn.tables", "added.tables"}  # "experts": the tables of every PEER (and PKM) layer
+
+
+def _ffn_training(cfg: Config, kind: str, needs_dx: bool, trains: set[str], where: str, add: Any,
+                  linear: Any) -> bool:
+    """Add one feed-forward block's training FLOPs; returns whether its output depends on a trained weight."""
+    m = cfg.model
+    if kind == "dense":
+        gated = _mlp_matrices(m) == 3
+        hidden = [linear("dense.mlp", name, m.d_model, m.d_ff, needs_dx, "dense" in trains)
+                  for name in (("fc_in", "fc_gate") if gated else ("fc_in",))]
+        return linear("dense.mlp", "fc_out", m.d_ff, m.d_model, any(hidden), "dense" in trains)
+    if kind == "moe":
+        trained = "dense" in trains
+        for name, term in _ffn_terms(m, kind).items():
+            add(f"moe.{name}", FlopCount(term.forward, term.forward * (needs_dx + trained)))
+        return needs_dx or trained
+    terms = _ffn_terms(m, kind)
+    query, keys, tables = (f"{where}.{p}" in trains for p in ("query", "keys", "tables"))
+    # Scores and gates depend on a trained weight when the input does or the query / keys train.
+    scored = needs_dx or query or keys
+    half = terms["keys"].backward / 2  # grad of the query, grad of the k sub-key rows: 2 h k d_key each
+    rows = terms["experts" if kind == "peer" else "values"]
+    parts: dict[str, FlopCount] = {
+        "query": FlopCount(terms["query"].forward, terms["query"].forward * (needs_dx + query)),
+        "keys": FlopCount(terms["keys"].forward, half * ((needs_dx or query) + keys)),
+        "candidates": FlopCount(terms["candidates"].forward, terms["candidates"].backward * scored),
+    }
+    if kind == "peer":  # per slot: dX of the input (through u, 2 d), of the gate (v . dy, 2 d); dW of u and v (4 d)
+        quarter = rows.backward / 4
+        parts["experts"] = FlopCount(rows.forward, quarter * (needs_dx + scored + 2 * tables))
+    else:  # per slot: dX of the gate (2 d), dW of the value row (2 d)
+        parts["values"] = FlopCount(rows.forward, rows.backward / 2 * (scored + tables))
+    for name, count in parts.items():
+        add(f"{kind}.{name}", count)
+    return scored or tables
 
 
 def format_flops_breakdown(cfg: ModelConfig, vocab_size: int, seq_len: int) -> str:

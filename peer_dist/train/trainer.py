@@ -23,17 +23,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from peer_dist.checkpoint.export import load_export_into, load_weights_into, open_export, require_export
+from peer_dist.checkpoint.export import (
+    load_export_into, load_weights_into, open_export, plain_module_state, require_export,
+)
 from peer_dist.checkpoint.store import (
     Checkpoint, SaveOutcome, await_async_save, choose_checkpoint, list_checkpoints, load_engine_state,
-    load_module_state, poll_async_save, resolve_checkpoint, save_checkpoint, wait_for_pending_save,
+    poll_async_save, resolve_checkpoint, save_checkpoint, wait_for_pending_save,
 )
 from peer_dist.config import Config, config_hash, dump_toml, hashed_differences, load_config, model_differences
 from peer_dist.data import Manifest, TrainStream, val_batches
 from peer_dist.errors import CheckpointError, ConfigError, DataError
 from peer_dist.log import get_logger, setup_logging
 from peer_dist.model import ExpertPlacement, build_model, lm_loss
-from peer_dist.model.flops import model_flops_per_token
+from peer_dist.model.flops import training_flops_per_token
+from peer_dist.model.lora import apply_lora
 from peer_dist.parallel.data_parallel import sync_batch_statistics
 from peer_dist.parallel.deepspeed_private import data_parallel_group, expert_parallel_group, tensor_parallel_group
 from peer_dist.parallel.env import DistEnv, detect_env, finish_distributed, init_distributed, pick_backend, pick_device
@@ -134,6 +137,7 @@ def _set_up(cfg: Config) -> _Setup:
     model = build_model(cfg.model, vocab, placement)
     if cfg.train.init_from and not list_checkpoints(cfg.run_dir / "checkpoints"):
         _init_from_export(cfg, model, manifest)
+    apply_lora(model, cfg.train)  # after init_from: the loaded weights become the adapters' frozen base
     model = model.to(device)
     model_init_s = time.perf_counter() - build_start
     parallelize_experts(model, layout, env.rank, row_sparse_tables=cfg.train.expert_update == "sparse")
@@ -141,7 +145,7 @@ def _set_up(cfg: Config) -> _Setup:
     if layout.dp > 1:
         sync_batch_statistics(model, data_parallel_group())
     get_logger().info("parallel layout: %s", layout.describe())
-    flops = model_flops_per_token(cfg.model, vocab, manifest.seq_len)
+    flops = training_flops_per_token(cfg, vocab, manifest.seq_len)  # frozen weights: no weight gradients
     selector = ExpertSelector(model, table_optimizer(engine), cfg.train) if cfg.train.sparse_experts else None
     return _Setup(env, layout, device, manifest, model, engine, flops_per_token=flops, started=started,
                   selector=selector,
@@ -180,7 +184,7 @@ def _init_from_export(cfg: Config, model: torch.nn.Module, manifest: Manifest) -
         load_export_into(model, export, added)
         step = export.step
     else:
-        weights = load_module_state(ckpt)
+        weights = plain_module_state(ckpt)  # a LoRA run's adapters merged
         load_weights_into(model, set(weights), weights.__getitem__, ckpt.path, added)
         step = ckpt.step
     get_logger().info("initialised from %s %s (step %d)%s", what, path, step,
