@@ -30,8 +30,10 @@ see a half-written file. ``python -m peer_dist.native`` builds it ahead of time
 to rounding, slower) after one warning; ``PEER_DIST_NATIVE=0`` (or :func:`disabled`)
 selects the torch path on purpose.
 
-Rows are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL); no
-kernel's result depends on the split.
+Rows are split over ``torch.get_num_threads()`` OpenMP threads, the same runtime (and so the
+same threads) torch's CPU ops use: a separate pool would compete with torch's threads, which
+spin for a while after each op (measured: 2 threads of our own ran the top-k slower than one).
+No kernel's result depends on the split.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -57,7 +58,10 @@ from peer_dist.log import get_logger
 _SOURCE = Path(__file__).with_name("kernels.c")
 # Portable flags only: a cache folder may be shared by nodes with different CPUs.
 _CFLAGS = ("-O3", "-std=gnu99", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared")
-# Below this many values per call one thread is faster than handing rows to the pool.
+# libgomp.so.1, the soname of the OpenMP runtime torch's CPU wheel bundles and has loaded by the
+# time the kernels load: their parallel regions run on torch's own intra-op threads.
+_OPENMP_FLAGS = ("-fopenmp",)
+# Below this many values per call one thread is faster than splitting the rows.
 _MIN_VALUES_PER_THREAD = 1 << 16
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -100,23 +104,40 @@ def _compiler() -> str:
     raise NativeBuildError("no C compiler found (set CC, or install gcc)")
 
 
-def library_path() -> Path:
+def library_path(openmp: bool = True) -> Path:
     """Where the compiled library for this source, these flags and this machine type lives."""
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + platform.machine().encode())
+    flags = " ".join((*_CFLAGS, *(_OPENMP_FLAGS if openmp else ())))
+    digest = hashlib.sha256(_SOURCE.read_bytes() + flags.encode() + platform.machine().encode())
     return cache_dir() / f"peer_dist_native-{digest.hexdigest()[:16]}.so"
 
 
 def build() -> Path:
-    """Compile the library unless the cached one exists; return its path."""
-    target = library_path()
-    if target.exists():
-        return target
+    """Compile the library unless the cached one exists; return its path.
+
+    With OpenMP when the compiler has it (the kernels then split rows over torch's threads),
+    else without (one thread per call).
+    """
+    for openmp in (True, False):
+        target = library_path(openmp)
+        if target.exists():
+            return target
+    compiler = _compiler()
+    errors = []
+    for openmp in (True, False):
+        try:
+            return _compile(compiler, library_path(openmp), _OPENMP_FLAGS if openmp else ())
+        except NativeBuildError as err:
+            errors.append(str(err))
+    raise NativeBuildError("\n".join(errors))
+
+
+def _compile(compiler: str, target: Path, extra: tuple[str, ...]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Compile beside the target and rename: another rank may be building the same file.
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [_compiler(), *_CFLAGS, "-o", tmp, str(_SOURCE), "-lm"]
+        cmd = [compiler, *_CFLAGS, *extra, "-o", tmp, str(_SOURCE), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise NativeBuildError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
@@ -135,52 +156,27 @@ def _library() -> ctypes.CDLL | None:
         get_logger().warning("native CPU kernels unavailable, using torch instead (slower): %s", err)
         return None
     lib.peer_topk_rows_f32.restype = ctypes.c_int
-    lib.peer_topk_rows_f32.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64]
+    lib.peer_topk_rows_f32.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, ctypes.c_int]
     lib.peer_scores_topk_f32.restype = ctypes.c_int
-    lib.peer_scores_topk_f32.argtypes = [_PTR, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64]
+    lib.peer_scores_topk_f32.argtypes = [_PTR, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, ctypes.c_int]
     lib.peer_candidates_topk_f32.restype = ctypes.c_int
-    lib.peer_candidates_topk_f32.argtypes = [_PTR] * 4 + [_I64, _PTR, _PTR] + [_I64] * 3 + [_PTR] * 4 + [_I64, _I64]
+    lib.peer_candidates_topk_f32.argtypes = [_PTR] * 4 + [_I64, _PTR, _PTR] + [_I64] * 3 + [_PTR] * 4 + [_I64, _I64, ctypes.c_int]
     lib.peer_segment_sum_f32.restype = None
-    lib.peer_segment_sum_f32.argtypes = [_PTR] * 5 + [_I64, _I64, _I64, _PTR, _I64, _I64]
+    lib.peer_segment_sum_f32.argtypes = [_PTR] * 5 + [_I64, _I64, _I64, _PTR, _I64, _I64, ctypes.c_int]
     lib.peer_adamw_rows_f32.restype = None
     lib.peer_argsort_ids.restype = ctypes.c_int
     lib.peer_gather_dot_f32.restype = None
-    lib.peer_gather_dot_f32.argtypes = [_PTR] * 5 + [_I64, _PTR, _I64, _I64]
+    lib.peer_gather_dot_f32.argtypes = [_PTR] * 5 + [_I64, _PTR, _I64, _I64, ctypes.c_int]
     lib.peer_argsort_ids.argtypes = [_PTR, _I64, _I64, _PTR, _PTR]
-    lib.peer_adamw_rows_f32.argtypes = [_PTR] * 7 + [_I64] + [ctypes.c_float] * 6 + [_I64, _I64]
+    lib.peer_adamw_rows_f32.argtypes = [_PTR] * 7 + [_I64] + [ctypes.c_float] * 6 + [_I64, _I64, ctypes.c_int]
     return lib
 
 
-class _Pool:
-    """A thread pool per process (rebuilt after fork: a forked child has no pool threads)."""
-
-    def __init__(self) -> None:
-        self.pid, self.pool, self.size = -1, None, 0
-
-    def get(self, size: int) -> ThreadPoolExecutor:
-        if self.pool is None or self.pid != os.getpid() or self.size != size:
-            self.pool = ThreadPoolExecutor(size, thread_name_prefix="peer_dist_native")
-            self.pid, self.size = os.getpid(), size
-        return self.pool
-
-
-_POOL = _Pool()
-
-
-def _over_rows(call: Callable[[int, int], None], num_rows: int, values_per_row: int) -> None:
-    """call(row_begin, row_end) over all rows, split across torch's intra-op thread count."""
+def _over_rows(call: Callable[[int, int, int], None], num_rows: int, values_per_row: int) -> None:
+    """call(0, num_rows, threads): the kernel splits the rows over ``threads`` OpenMP threads,
+    torch's intra-op count (fewer for small calls, where one thread is faster)."""
     threads = min(torch.get_num_threads(), max(1, num_rows * values_per_row // _MIN_VALUES_PER_THREAD))
-    if threads <= 1:
-        call(0, num_rows)
-        return
-    bounds = [num_rows * t // threads for t in range(threads + 1)]
-    # The calling thread takes the last share itself: threads - 1 pool threads, none idle.
-    futures = [_POOL.get(threads - 1).submit(call, bounds[t], bounds[t + 1]) for t in range(threads - 1)]
-    try:
-        call(bounds[-2], bounds[-1])
-    finally:
-        for future in futures:
-            future.result()
+    call(0, num_rows, threads)
 
 
 def topk_available(x: Tensor) -> bool:
@@ -205,8 +201,8 @@ def topk(x_RC: Tensor, k: int) -> tuple[Tensor, Tensor]:
     ids_RK = torch.empty(num_rows, k, dtype=torch.int64)
     args = (x_RC.data_ptr(), cols, x_RC.stride(0), k, values_RK.data_ptr(), ids_RK.data_ptr())
 
-    def rows(begin: int, end: int) -> None:
-        if lib.peer_topk_rows_f32(*args, begin, end) != 0:
+    def rows(begin: int, end: int, threads: int) -> None:
+        if lib.peer_topk_rows_f32(*args, begin, end, threads) != 0:
             raise MemoryError(f"native topk: no memory for a scratch row of {cols} values")
 
     _over_rows(rows, num_rows, cols)
@@ -232,8 +228,8 @@ def scores_topk(q_RC: Tensor, keys_SC: Tensor, k: int) -> tuple[Tensor, Tensor]:
     ids_RK = torch.empty(num_rows, k, dtype=torch.int64)
     args = (q_RC.data_ptr(), q_RC.stride(0), keys_t.data_ptr(), dim, cols, k, values_RK.data_ptr(), ids_RK.data_ptr())
 
-    def rows(begin: int, end: int) -> None:
-        if lib.peer_scores_topk_f32(*args, begin, end) != 0:
+    def rows(begin: int, end: int, threads: int) -> None:
+        if lib.peer_scores_topk_f32(*args, begin, end, threads) != 0:
             raise MemoryError(f"native scores_topk: no memory for a scratch row of {cols} values")
 
     _over_rows(rows, num_rows, cols * dim)
@@ -258,8 +254,8 @@ def candidates_topk(scores_a_RK: Tensor, scores_b_RK: Tensor, ids_a_RK: Tensor, 
     args = (*(t.data_ptr() for t in tensors), side_k, rank_a_M.data_ptr(), rank_b_M.data_ptr(), rank_a_M.numel(), k,
             num_sub, scores_RK.data_ptr(), ids_RK.data_ptr(), ranks_a_RK.data_ptr(), ranks_b_RK.data_ptr())
 
-    def rows(begin: int, end: int) -> None:
-        if lib.peer_candidates_topk_f32(*args, begin, end) != 0:
+    def rows(begin: int, end: int, threads: int) -> None:
+        if lib.peer_candidates_topk_f32(*args, begin, end, threads) != 0:
             raise MemoryError("native candidates_topk: no memory for a scratch row")
 
     _over_rows(rows, num_rows, rank_a_M.numel() * 4)
@@ -289,7 +285,7 @@ def adamw_rows(param_ND: Tensor, exp_avg_ND: Tensor, exp_avg_sq_ND: Tensor, row_
     ptrs = (param_ND.data_ptr(), exp_avg_ND.data_ptr(), exp_avg_sq_ND.data_ptr(), row_step_N.data_ptr(),
             ids_U.data_ptr(), grad_UD.data_ptr(), None if row_lr is None else row_lr.data_ptr())
     scalars = (width, lr, betas[0], betas[1], eps, weight_decay, grad_scale)
-    _over_rows(lambda begin, end: lib.peer_adamw_rows_f32(*ptrs, *scalars, begin, end), ids_U.numel(), width)
+    _over_rows(lambda begin, end, threads: lib.peer_adamw_rows_f32(*ptrs, *scalars, begin, end, threads), ids_U.numel(), width)
 
 
 def argsort_ids_available(ids: Tensor) -> bool:
@@ -327,7 +323,8 @@ def gather_dot(rows_TD: Tensor, table_ND: Tensor, sorted_ids_P: Tensor, row_P: T
     out_S = torch.empty(slot_P.numel(), dtype=torch.float32)
     width = rows_TD.shape[1]
     ptrs = (rows_TD.data_ptr(), table_ND.data_ptr(), sorted_ids_P.data_ptr(), row_P.data_ptr(), slot_P.data_ptr())
-    _over_rows(lambda begin, end: lib.peer_gather_dot_f32(*ptrs, width, out_S.data_ptr(), begin, end),
+    _over_rows(lambda begin, end, threads: lib.peer_gather_dot_f32(*ptrs, width, out_S.data_ptr(), begin, end,
+                                                                    threads),
                slot_P.numel(), width)
     return out_S
 
@@ -354,7 +351,7 @@ def segment_sum(rows_TD: Tensor, weights_S: Tensor, row_P: Tensor, slot_P: Tenso
     if out_UD is None:
         out_UD = torch.empty(num_groups, width, dtype=torch.float32)
     ptrs = (rows_TD.data_ptr(), row_P.data_ptr(), slot_P.data_ptr(), weights_S.data_ptr(), group_start_U.data_ptr())
-    _over_rows(lambda begin, end: lib.peer_segment_sum_f32(*ptrs, num_groups, num_pairs, width, out_UD.data_ptr(),
-                                                           begin, end),
+    _over_rows(lambda begin, end, threads: lib.peer_segment_sum_f32(*ptrs, num_groups, num_pairs, width,
+                                                                    out_UD.data_ptr(), begin, end, threads),
                num_groups, max(1, num_pairs // max(num_groups, 1)) * width)
     return out_UD

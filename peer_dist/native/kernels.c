@@ -1,13 +1,17 @@
 /* CPU kernels of peer_dist that torch has no fast path for; loaded through ctypes by __init__.py.
  *
  * Plain C99 on raw pointers (no torch headers), so it compiles in well under a second with any
- * C compiler and needs no build step at install time. Every function works on a range of rows
- * [row_begin, row_end) so the caller can split the rows over threads; rows are independent, so
- * the result does not depend on the split.
+ * C compiler and needs no build step at install time. Every parallel kernel splits its rows
+ * [row_begin, row_end) over `threads` OpenMP threads; linked against the libgomp torch has
+ * loaded, they are torch's own intra-op threads (a second runtime's threads would compete with
+ * torch's spinning ones for the cores). Rows are independent: no result depends on the split.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* Each exported kernel is compiled twice (AVX2 + FMA, and baseline x86-64) and the loader picks
  * the first this CPU runs: one library file serves every node of a cluster. (An AVX-512 clone
@@ -17,6 +21,17 @@
 #else
 #define PEER_KERNEL
 #endif
+
+/* This thread's share [*begin, *end) of [row_begin, row_end) inside a parallel region. */
+static inline void thread_share(int64_t row_begin, int64_t row_end, int64_t *begin, int64_t *end) {
+#ifdef _OPENMP
+    int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+    int64_t t = 0, n = 1;
+#endif
+    *begin = row_begin + (row_end - row_begin) * t / n;
+    *end = row_begin + (row_end - row_begin) * (t + 1) / n;
+}
 
 /* a ranks before b: the larger value first, NaN above every number (the order of torch.topk). */
 static inline int ranks_before(float a, float b) {
@@ -147,15 +162,19 @@ static inline void row_topk(const float *p, int64_t cols, int64_t k, float *v, i
  * into out_v and column indices into out_i (k per row, contiguous). Returns 0, or -1 when the
  * scratch buffer could not be allocated (nothing written). */
 PEER_KERNEL int peer_topk_rows_f32(const float *x, int64_t cols, int64_t ld, int64_t k, float *out_v,
-                                   int64_t *out_i, int64_t row_begin, int64_t row_end) {
-    candidates_t c = {NULL, NULL};
-    if (!candidates_alloc(&c, cols)) {
+                                   int64_t *out_i, int64_t row_begin, int64_t row_end, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int64_t begin, end;
+        thread_share(row_begin, row_end, &begin, &end);
+        candidates_t c = {NULL, NULL};
+        if (!candidates_alloc(&c, cols)) failed = 1;
+        else
+            for (int64_t r = begin; r < end; ++r) row_topk(x + r * ld, cols, k, out_v + r * k, out_i + r * k, &c);
         candidates_free(&c);
-        return -1;
     }
-    for (int64_t r = row_begin; r < row_end; ++r) row_topk(x + r * ld, cols, k, out_v + r * k, out_i + r * k, &c);
-    candidates_free(&c);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* Sub-key retrieval fused: for each query row q (dim values, `ldq` apart) the scores
@@ -163,27 +182,31 @@ PEER_KERNEL int peer_topk_rows_f32(const float *x, int64_t cols, int64_t ld, int
  * then its sorted top-k as peer_topk_rows_f32. Never writes the (rows x cols) score matrix.
  * Each score sums q[c] * key[c] for c ascending. Returns 0, or -1 without scratch memory. */
 PEER_KERNEL int peer_scores_topk_f32(const float *q, int64_t ldq, const float *keys_t, int64_t dim, int64_t cols,
-                                     int64_t k, float *out_v, int64_t *out_i, int64_t row_begin, int64_t row_end) {
-    candidates_t c = {NULL, NULL};
-    float *scores = malloc((size_t)cols * sizeof(float));
-    if (!scores || !candidates_alloc(&c, cols)) {
+                                     int64_t k, float *out_v, int64_t *out_i, int64_t row_begin, int64_t row_end,
+                                     int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int64_t begin, end;
+        thread_share(row_begin, row_end, &begin, &end);
+        candidates_t c = {NULL, NULL};
+        float *scores = malloc((size_t)cols * sizeof(float));
+        if (!scores || !candidates_alloc(&c, cols)) failed = 1;
+        else
+            for (int64_t r = begin; r < end; ++r) {
+                const float *qr = q + r * ldq;
+                for (int64_t s = 0; s < cols; ++s) scores[s] = 0.0f;
+                for (int64_t d = 0; d < dim; ++d) {
+                    float a = qr[d];
+                    const float *kd = keys_t + d * cols;
+                    for (int64_t s = 0; s < cols; ++s) scores[s] += a * kd[s];
+                }
+                row_topk(scores, cols, k, out_v + r * k, out_i + r * k, &c);
+            }
         free(scores);
         candidates_free(&c);
-        return -1;
     }
-    for (int64_t r = row_begin; r < row_end; ++r) {
-        const float *qr = q + r * ldq;
-        for (int64_t s = 0; s < cols; ++s) scores[s] = 0.0f;
-        for (int64_t d = 0; d < dim; ++d) {
-            float a = qr[d];
-            const float *kd = keys_t + d * cols;
-            for (int64_t s = 0; s < cols; ++s) scores[s] += a * kd[s];
-        }
-        row_topk(scores, cols, k, out_v + r * k, out_i + r * k, &c);
-    }
-    free(scores);
-    candidates_free(&c);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* AdamW on rows ids[row_begin:row_end] of an fp32 table, fused: each row's value, moments and
@@ -196,7 +219,9 @@ PEER_KERNEL int peer_scores_topk_f32(const float *q, int64_t ldq, const float *k
  * over threads touches disjoint memory. */
 PEER_KERNEL void peer_adamw_rows_f32(float *param, float *exp_avg, float *exp_avg_sq, int64_t *row_step, const int64_t *ids,
                          const float *grad, const float *row_lr, int64_t width, float lr, float beta1, float beta2,
-                         float eps, float weight_decay, float grad_scale, int64_t row_begin, int64_t row_end) {
+                         float eps, float weight_decay, float grad_scale, int64_t row_begin, int64_t row_end,
+                         int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = row_begin; i < row_end; ++i) {
         int64_t r = ids[i];
         int64_t t = ++row_step[r];
@@ -259,7 +284,9 @@ PEER_KERNEL int peer_argsort_ids(const int64_t *ids, int64_t n, int64_t bits, in
  * the result does not depend on the thread split. Slots are distinct: threads write disjoint
  * entries. */
 PEER_KERNEL void peer_gather_dot_f32(const float *rows, const float *table, const int64_t *ids, const int64_t *row,
-                         const int64_t *slot, int64_t width, float *out, int64_t begin, int64_t end) {
+                         const int64_t *slot, int64_t width, float *out, int64_t begin, int64_t end,
+                                     int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t p = begin; p < end; ++p) {
         const float *a = table + ids[p] * width, *b = rows + row[p] * width;
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -280,30 +307,33 @@ PEER_KERNEL void peer_gather_dot_f32(const float *rows, const float *table, cons
 PEER_KERNEL int peer_candidates_topk_f32(const float *sa, const float *sb, const int64_t *ida, const int64_t *idb,
                                          int64_t side_k, const int64_t *rank_a, const int64_t *rank_b, int64_t m,
                                          int64_t k, int64_t num_sub, float *out_v, int64_t *out_id, int64_t *out_ra,
-                                         int64_t *out_rb, int64_t row_begin, int64_t row_end) {
-    candidates_t c = {NULL, NULL};
-    float *sums = malloc((size_t)m * sizeof(float));
-    if (!sums || !candidates_alloc(&c, m)) {
+                                         int64_t *out_rb, int64_t row_begin, int64_t row_end, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int64_t begin, end;
+        thread_share(row_begin, row_end, &begin, &end);
+        candidates_t c = {NULL, NULL};
+        float *sums = malloc((size_t)m * sizeof(float));
+        if (!sums || !candidates_alloc(&c, m)) failed = 1;
+        else
+            for (int64_t r = begin; r < end; ++r) {
+                const float *a = sa + r * side_k, *b = sb + r * side_k;
+                for (int64_t j = 0; j < m; ++j) sums[j] = a[rank_a[j]] + b[rank_b[j]];
+                float *v = out_v + r * k;
+                int64_t *pos = out_id + r * k;  /* candidate positions first, then overwritten by the ids */
+                row_topk(sums, m, k, v, pos, &c);
+                for (int64_t j = 0; j < k; ++j) {
+                    int64_t i_a = rank_a[pos[j]], i_b = rank_b[pos[j]];
+                    out_ra[r * k + j] = i_a;
+                    out_rb[r * k + j] = i_b;
+                    pos[j] = ida[r * side_k + i_a] * num_sub + idb[r * side_k + i_b];
+                }
+            }
         free(sums);
         candidates_free(&c);
-        return -1;
     }
-    for (int64_t r = row_begin; r < row_end; ++r) {
-        const float *a = sa + r * side_k, *b = sb + r * side_k;
-        for (int64_t j = 0; j < m; ++j) sums[j] = a[rank_a[j]] + b[rank_b[j]];
-        float *v = out_v + r * k;
-        int64_t *pos = out_id + r * k;  /* candidate positions first, then overwritten by the ids */
-        row_topk(sums, m, k, v, pos, &c);
-        for (int64_t j = 0; j < k; ++j) {
-            int64_t i_a = rank_a[pos[j]], i_b = rank_b[pos[j]];
-            out_ra[r * k + j] = i_a;
-            out_rb[r * k + j] = i_b;
-            pos[j] = ida[r * side_k + i_a] * num_sub + idb[r * side_k + i_b];
-        }
-    }
-    free(sums);
-    candidates_free(&c);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* Segment sums per expert: out[u] = sum over the pairs p of group u (positions
@@ -312,7 +342,8 @@ PEER_KERNEL int peer_candidates_topk_f32(const float *sa, const float *sb, const
  * expert, accumulated in place and written once: no atomics, deterministic. */
 PEER_KERNEL void peer_segment_sum_f32(const float *rows, const int64_t *row, const int64_t *slot, const float *w,
                                       const int64_t *start, int64_t num_groups, int64_t num_pairs, int64_t width,
-                                      float *out, int64_t group_begin, int64_t group_end) {
+                                      float *out, int64_t group_begin, int64_t group_end, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t u = group_begin; u < group_end; ++u) {
         float *o = out + u * width;
         for (int64_t d = 0; d < width; ++d) o[d] = 0.0f;
