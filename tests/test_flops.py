@@ -125,19 +125,27 @@ def test_paper_scale_retrieval_numbers() -> None:
 # ---- against torch's FlopCounterMode and the built models ---------------------------------------
 
 
+def measured_matmul_flops_per_token(model: torch.nn.Module) -> float:
+    """FLOPs per token of one forward + backward, counted by torch's FlopCounterMode."""
+    tokens = torch.randint(0, VOCAB, (3, SEQ))
+    with FlopCounterMode(display=False) as counter:
+        model(tokens).sum().backward()
+    return counter.get_total_flops() / tokens.numel()
+
+
+def counted_without_scores(terms: dict) -> float:
+    """Training FLOPs per token of the terms FlopCounterMode sees (not the CPU attention kernel)."""
+    return sum(t.train for name, t in terms.items() if name != "attention.scores")
+
+
 @pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
 @pytest.mark.parametrize("tie", [True, False])
 def test_dense_matmuls_equal_flop_counter(mlp: str, tie: bool) -> None:
     # FlopCounterMode counts the aten matmuls (forward and backward) of a real training
     # step; it does not count the CPU attention kernel, so scores are checked separately.
     cfg = small(mlp=mlp, tie_embeddings=tie)
-    model = build_model(cfg, VOCAB)
-    tokens = torch.randint(0, VOCAB, (3, SEQ))
-    with FlopCounterMode(display=False) as counter:
-        model(tokens).sum().backward()
     terms = flops_breakdown(cfg, VOCAB, SEQ)
-    counted_train = sum(t.train for name, t in terms.items() if name != "attention.scores")
-    assert counter.get_total_flops() / tokens.numel() == counted_train
+    assert measured_matmul_flops_per_token(build_model(cfg, VOCAB)) == counted_without_scores(terms)
 
 
 def test_attention_scores_convention_is_full_t_by_t() -> None:
@@ -315,12 +323,8 @@ def test_lora_training_flops_equal_flop_counter(targets: list[str], mlp: str) ->
     cfg = _config(small(mlp=mlp), lora_rank=3, lora_targets=targets)
     torch.manual_seed(0)
     model = apply_lora(build_model(cfg.model, VOCAB), cfg.train)
-    tokens = torch.randint(0, VOCAB, (3, SEQ))
-    with FlopCounterMode(display=False) as counter:
-        model(tokens).sum().backward()
     terms = training_flops_breakdown(cfg, VOCAB, SEQ)
-    counted = sum(t.train for name, t in terms.items() if name != "attention.scores")
-    assert counter.get_total_flops() / tokens.numel() == counted
+    assert measured_matmul_flops_per_token(model) == counted_without_scores(terms)
     assert terms["lm_head"].backward == 2 * 16 * VOCAB  # dX only: the tied embedding is frozen
 
 

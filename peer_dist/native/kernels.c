@@ -136,24 +136,28 @@ static void row_topk_threshold(const float *p, int64_t cols, int64_t k, float *v
     }
 }
 
-/* Scratch rows for the threshold path: values and columns of up to `cols` candidates. */
+/* A thread's scratch: values and columns of up to `cols` candidates (the threshold path), and
+ * one row of `cols` values a kernel builds before its top-k (scores, candidate sums). */
 typedef struct {
     float *values;
     int64_t *columns;
-} candidates_t;
+    float *row;
+} scratch_t;
 
-static int candidates_alloc(candidates_t *c, int64_t cols) {
+static int scratch_alloc(scratch_t *c, int64_t cols) {
     c->values = malloc((size_t)cols * sizeof(float));
     c->columns = malloc((size_t)cols * sizeof(int64_t));
-    return c->values && c->columns;
+    c->row = malloc((size_t)cols * sizeof(float));
+    return c->values && c->columns && c->row;
 }
 
-static void candidates_free(candidates_t *c) {
+static void scratch_free(scratch_t *c) {
     free(c->values);
     free(c->columns);
+    free(c->row);
 }
 
-static inline void row_topk(const float *p, int64_t cols, int64_t k, float *v, int64_t *id, candidates_t *c) {
+static inline void row_topk(const float *p, int64_t cols, int64_t k, float *v, int64_t *id, scratch_t *c) {
     if (k <= MAX_LANES && cols >= 2 * k) row_topk_threshold(p, cols, k, v, id, c->values, c->columns);
     else row_topk_insertion(p, cols, k, v, id);
 }
@@ -168,11 +172,11 @@ PEER_KERNEL int peer_topk_rows_f32(const float *x, int64_t cols, int64_t ld, int
     {
         int64_t begin, end;
         thread_share(row_begin, row_end, &begin, &end);
-        candidates_t c = {NULL, NULL};
-        if (!candidates_alloc(&c, cols)) failed = 1;
+        scratch_t c;
+        if (!scratch_alloc(&c, cols)) failed = 1;
         else
             for (int64_t r = begin; r < end; ++r) row_topk(x + r * ld, cols, k, out_v + r * k, out_i + r * k, &c);
-        candidates_free(&c);
+        scratch_free(&c);
     }
     return failed ? -1 : 0;
 }
@@ -189,12 +193,12 @@ PEER_KERNEL int peer_scores_topk_f32(const float *q, int64_t ldq, const float *k
     {
         int64_t begin, end;
         thread_share(row_begin, row_end, &begin, &end);
-        candidates_t c = {NULL, NULL};
-        float *scores = malloc((size_t)cols * sizeof(float));
-        if (!scores || !candidates_alloc(&c, cols)) failed = 1;
+        scratch_t c;
+        if (!scratch_alloc(&c, cols)) failed = 1;
         else
             for (int64_t r = begin; r < end; ++r) {
                 const float *qr = q + r * ldq;
+                float *scores = c.row;
                 for (int64_t s = 0; s < cols; ++s) scores[s] = 0.0f;
                 for (int64_t d = 0; d < dim; ++d) {
                     float a = qr[d];
@@ -203,8 +207,7 @@ PEER_KERNEL int peer_scores_topk_f32(const float *q, int64_t ldq, const float *k
                 }
                 row_topk(scores, cols, k, out_v + r * k, out_i + r * k, &c);
             }
-        free(scores);
-        candidates_free(&c);
+        scratch_free(&c);
     }
     return failed ? -1 : 0;
 }
@@ -313,12 +316,12 @@ PEER_KERNEL int peer_candidates_topk_f32(const float *sa, const float *sb, const
     {
         int64_t begin, end;
         thread_share(row_begin, row_end, &begin, &end);
-        candidates_t c = {NULL, NULL};
-        float *sums = malloc((size_t)m * sizeof(float));
-        if (!sums || !candidates_alloc(&c, m)) failed = 1;
+        scratch_t c;
+        if (!scratch_alloc(&c, m)) failed = 1;
         else
             for (int64_t r = begin; r < end; ++r) {
                 const float *a = sa + r * side_k, *b = sb + r * side_k;
+                float *sums = c.row;
                 for (int64_t j = 0; j < m; ++j) sums[j] = a[rank_a[j]] + b[rank_b[j]];
                 float *v = out_v + r * k;
                 int64_t *pos = out_id + r * k;  /* candidate positions first, then overwritten by the ids */
@@ -330,8 +333,7 @@ PEER_KERNEL int peer_candidates_topk_f32(const float *sa, const float *sb, const
                     pos[j] = ida[r * side_k + i_a] * num_sub + idb[r * side_k + i_b];
                 }
             }
-        free(sums);
-        candidates_free(&c);
+        scratch_free(&c);
     }
     return failed ? -1 : 0;
 }
