@@ -306,15 +306,20 @@ def test_peer_batchnorm_uses_reduce_stats_hook() -> None:
 
 
 def test_usage_metrics_hand_computed() -> None:
-    n = 4
+    n = 4  # 2 x 2 sub-keys: expert a * 2 + b
     uniform = usage_metrics(torch.ones(n), torch.full((n,), 2.5))
-    assert uniform == pytest.approx({"expert_usage": 1.0, "unevenness_kl": 0.0}, abs=1e-12)
+    assert uniform == pytest.approx({"expert_usage": 1.0, "unevenness_kl": 0.0, "subkey_usage": 1.0}, abs=1e-12)
     one_hot = usage_metrics(torch.tensor([3.0, 0, 0, 0]), torch.tensor([1.5, 0, 0, 0]))
-    assert one_hot == pytest.approx({"expert_usage": 0.25, "unevenness_kl": math.log(n)}, abs=1e-12)
+    assert one_hot == pytest.approx({"expert_usage": 0.25, "unevenness_kl": math.log(n), "subkey_usage": 0.5},
+                                    abs=1e-12)
+    # experts 0 = (0, 0) and 2 = (1, 0): both first-set sub-keys, one of the second set's two
     mixed = usage_metrics(torch.tensor([2.0, 0, 1, 0]), torch.tensor([0.5, 0, 1.5, 0]))
     expected_kl = math.log(4) + 0.25 * math.log(0.25) + 0.75 * math.log(0.75)
-    assert mixed == pytest.approx({"expert_usage": 0.5, "unevenness_kl": expected_kl}, abs=1e-12)
-    assert math.isnan(usage_metrics(torch.zeros(n), torch.zeros(n))["unevenness_kl"])
+    assert mixed == pytest.approx({"expert_usage": 0.5, "unevenness_kl": expected_kl, "subkey_usage": 0.75},
+                                  abs=1e-12)
+    empty = usage_metrics(torch.zeros(n), torch.zeros(n))
+    assert math.isnan(empty["unevenness_kl"]) and empty["subkey_usage"] == 0.0
+    assert "subkey_usage" not in usage_metrics(torch.ones(3), torch.ones(3))  # not n * n
 
 
 def test_usage_tracking_in_forward() -> None:

@@ -191,6 +191,9 @@ def test_tables_and_plot(sweep: Path) -> None:
             layer_usage = [v for k, v in metrics.items() if k.startswith("experts/") and k.endswith("/expert_usage")]
             assert layer_usage and float(row["expert_usage"]) == pytest.approx(sum(layer_usage) / len(layer_usage))
             assert f"{100 * layer_usage[0]:.1f}%" in usage
+            subkeys = [v for k, v in metrics.items() if k.startswith("experts/") and k.endswith("/subkey_usage")]
+            assert subkeys and float(row["subkey_usage"]) == pytest.approx(sum(subkeys) / len(subkeys))
+            assert layer_usage[0] <= subkeys[0] ** 2 + 1e-12  # the pairs lie in (used rows) x (used columns)
     from matplotlib.image import imread
 
     image = imread(sweep / "isoflop.png")

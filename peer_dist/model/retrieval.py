@@ -177,6 +177,10 @@ def usage_metrics(counts: Tensor, mass: Tensor) -> dict[str, float]:
     unevenness_kl: KL(z || uniform) = log N + sum_i z_i log z_i with z = mass / sum(mass),
     0 log 0 = 0; 0 for perfectly even gate mass, log N when one expert gets it all.
     NaN when no mass was recorded.
+    subkey_usage (N = n * n only): the share of the 2 n sub-keys that are part of at least
+    one retrieved expert (expert a * n + b uses sub-key a of the first set, b of the second).
+    Usage can be at most the product of the two sets' shares; when it is far below that, the
+    retrieved pairs (a, b) are what is concentrated, not the sub-keys.
     """
     if counts.dim() != 1 or counts.shape != mass.shape:
         raise ValueError(f"counts and mass must both be (N,), got {tuple(counts.shape)} and {tuple(mass.shape)}")
@@ -187,7 +191,12 @@ def usage_metrics(counts: Tensor, mass: Tensor) -> dict[str, float]:
     z_N = mass / total
     kl = math.log(num_experts) + torch.special.xlogy(z_N, z_N).sum()
     # NOTE: host sync (metrics only, once per evaluation)
-    return {"expert_usage": float(usage), "unevenness_kl": float(kl) if float(total) > 0 else float("nan")}
+    out = {"expert_usage": float(usage), "unevenness_kl": float(kl) if float(total) > 0 else float("nan")}
+    n = math.isqrt(num_experts)
+    if n * n == num_experts:
+        used_nn = (counts > 0).view(n, n)
+        out["subkey_usage"] = float(torch.cat([used_nn.any(1), used_nn.any(0)]).to(torch.float64).mean())
+    return out
 
 
 def make_query_norm(query_norm: str, heads: int, d_key: int) -> nn.Module:

@@ -29,7 +29,7 @@ CSV_COLUMNS = (
     "budget", "method", "size", "seed", "run_name", "ffn", "status", "params_total", "params_active", "num_experts",
     "slots_per_token", "flops_per_token", "global_batch", "seq_len", "tokens_per_step", "steps", "tokens", "flops",
     "lr", "table_lr_scale", "val_loss", "val_perplexity", "train_loss_last10pct", "train_loss_steps",
-    "expert_layers", "expert_usage", "unevenness_kl", "wall_s",
+    "expert_layers", "expert_usage", "unevenness_kl", "subkey_usage", "wall_s",
 )
 TUNING_COLUMNS = ("method", "size", "seed", "run_name", "status", "lr", "table_lr_scale", "steps", "flops",
                   "tune_loss", "chosen")
@@ -201,7 +201,8 @@ def format_csv(results: Sequence[RunResult]) -> str:
             r.tokens_per_step, r.steps, r.tokens, _num(r.flops), *(_num(v) for v in _lrs(r)), _num(res.val_loss),
             _num(res.val_perplexity), _num(res.train_loss), _num(res.train_loss_steps),
             len(res.experts) if res.experts else "", _num(res.mean_expert("expert_usage")),
-            _num(res.mean_expert("unevenness_kl")), _num(None if res.wall_s is None else round(res.wall_s, 1)),
+            _num(res.mean_expert("unevenness_kl")), _num(res.mean_expert("subkey_usage")),
+            _num(None if res.wall_s is None else round(res.wall_s, 1)),
         ])
     return buf.getvalue()
 
@@ -366,7 +367,8 @@ def _usage_section(points: Sequence[Point]) -> list[str]:
     lines = ["## Expert usage and unevenness (paper Table 2)", "",
              "Usage: fraction of the layer's experts (PEER) or value slots (PKM) retrieved at least once on the "
              "validation batches. Unevenness: KL(usage || uniform) of the accumulated gate mass, 0 = perfectly "
-             "even. Mean ± standard deviation over the point's seeds.", ""]
+             "even. Sub-key usage: share of the 2·sqrt(N) sub-keys that are part of a retrieved expert (usage "
+             "is at most the square of it). Mean ± standard deviation over the point's seeds.", ""]
     rows = []
     for point in points:
         r = point.run
@@ -376,12 +378,13 @@ def _usage_section(points: Sequence[Point]) -> list[str]:
         for layer in done[0].experts:
             usage = Stat.of([res.experts.get(layer, {}).get("expert_usage", math.nan) for res in done])
             kl = Stat.of([res.experts.get(layer, {}).get("unevenness_kl", math.nan) for res in done])
+            subkeys = Stat.of([res.experts.get(layer, {}).get("subkey_usage", math.nan) for res in done])
             rows.append([flops_text(r.budget), r.method, r.size, layer, human(r.num_experts or 0),
-                         str(r.slots_per_token), _percent(usage), _stat(kl)])
+                         str(r.slots_per_token), _percent(usage), _stat(kl), _percent(subkeys)])
     if not rows:
         return lines + ["No finished PEER or PKM runs yet.", ""]
-    lines += _table(["budget", "method", "size", "layer", "N", "h·k", "expert usage", "unevenness KL"], rows,
-                    "llllrrrr")
+    lines += _table(["budget", "method", "size", "layer", "N", "h·k", "expert usage", "unevenness KL",
+                     "sub-key usage"], rows, "llllrrrrr")
     return lines + [""]
 
 
