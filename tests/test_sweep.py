@@ -423,6 +423,24 @@ def test_markdown_states_spread_bracketing_and_noise() -> None:
     assert "peer − dense (best baseline) = +0.100 ± 0.283: within 2 se. Add a third seed" in md
 
 
+def test_close_points_are_the_leader_and_every_method_within_two_se() -> None:
+    from peer_dist.sweep.stats import close_points
+
+    rows = [  # budget 1e12: peer leads (s: 4.1 +- 0.141); moe s 4.2 +- 0.141 is within noise (0.71 se),
+        # dense m 5.2 +- 0.283 is not (4.9 se). budget 3e12: every difference beyond noise.
+        (1e12, "dense", "s", 100, [6.0, 6.2]), (1e12, "dense", "m", 200, [5.0, 5.4]),
+        (1e12, "peer", "s", 150, [4.0, 4.2]), (1e12, "peer", "m", 300, [4.5, 4.7]),
+        (1e12, "moe", "s", 120, [4.3, 4.1]),
+        (3e12, "dense", "s", 100, [5.0, 5.01]), (3e12, "peer", "s", 150, [4.0, 4.01]),
+    ]
+    results = [_result(m, s, p, v, seed=i, budget=b) for b, m, s, p, vals in rows for i, v in enumerate(vals)]
+    assert close_points(results) == [(1e12, "peer", "s"), (1e12, "moe", "s")]
+    # a budget with an unfinished point decides nothing yet
+    pending = results[:-1] + [_result("peer", "s", 150, None, seed=1, budget=3e12)]
+    pending[4] = _result("peer", "s", 150, None, seed=0)
+    assert close_points(pending) == []
+
+
 def test_choice_is_the_lowest_mean_tuning_loss_once_the_grid_is_done() -> None:
     from peer_dist.sweep.stats import choose
 
@@ -546,6 +564,60 @@ def test_tuned_sweep_rerun_trains_nothing_again(tuned_sweep: Path, tuned_data: P
     assert proc.stdout.count("done, not retrained") == 14
     after = {p.parent.name: p.stat().st_mtime_ns for p in (tuned_sweep / "runs").glob("*/metrics.jsonl")}
     assert before == after
+
+
+CLOSE_SPEC = """
+[sweep]
+budgets = [{budget}]
+seeds = [0, 1]
+close_seeds = [2]
+min_steps = 4
+description = "twins"
+""" + SHARED + """
+[methods.dense]
+overrides = {{ model.ffn = "dense" }}
+sizes = [ {{ name = "f32", model.d_ff = 32 }}, {{ name = "f64", model.d_ff = 64 }} ]
+
+[methods.twin]
+overrides = {{ model.ffn = "dense" }}
+sizes = [ {{ name = "f32", model.d_ff = 32 }}, {{ name = "f64", model.d_ff = 64 }} ]
+"""
+
+
+def test_close_seeds_train_the_points_within_noise_once(tmp_path: Path, tiny_data: Path) -> None:
+    """Two methods with the same configuration and seeds tie exactly (difference 0, spread > 0):
+    both best points get seed 2, nothing else does, and a rerun trains nothing."""
+    spec = _write_spec(tmp_path / "spec", CLOSE_SPEC.format(budget=BUDGET))
+    out = tmp_path / "out"
+    proc = _sweep(spec, out, f"data.path={tiny_data}")
+    rows = _rows(out)
+    ppl = {(r["method"], r["size"], r["seed"]): float(r["val_perplexity"]) for r in rows}
+    assert all(r["status"] == "done" for r in rows)
+    base = {k: v for k, v in ppl.items() if k[2] in ("0", "1")}
+    assert len(base) == 8 and all(base[("dense", sz, sd)] == base[("twin", sz, sd)] for _, sz, sd in base)
+    best = min(("f32", "f64"), key=lambda sz: ppl[("dense", sz, "0")] + ppl[("dense", sz, "1")])
+    assert sorted(k for k in ppl if k[2] == "2") == [("dense", best, "2"), ("twin", best, "2")]
+    assert ppl[("dense", best, "2")] == ppl[("twin", best, "2")]  # seed 2 trained like the others
+    assert ppl[("dense", best, "2")] not in (ppl[("dense", best, "0")], ppl[("dense", best, "1")])
+    assert f"within noise: seeds 2 added to 1.2e9 dense/{best}; 1.2e9 twin/{best}" in proc.stdout
+    md = (out / "results.md").read_text()
+    mean3 = sum(ppl[("dense", best, sd)] for sd in "012") / 3
+    assert f"{mean3:.3f} ± " in md and "(n=3)" in md
+    again = _sweep(out / "spec.toml", out, f"data.path={tiny_data}")
+    assert again.stdout.count("done, not retrained") == 10 and "starting" not in again.stdout
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("seeds = [0, 1]", "seeds = [0]"), "sweep.close_seeds needs sweep.seeds with at least 2 seeds"),
+    (("close_seeds = [2]", "close_seeds = [1, 2]"), "sweep.close_seeds [1, 2] repeats seed(s) [1] of sweep.seeds"),
+    (("close_seeds = [2]", "close_seeds = 2"), "sweep.close_seeds must be a non-empty list of integers >= 0"),
+])
+def test_bad_close_seeds_are_a_clear_error(tmp_path: Path, tiny_data: Path, edit: tuple[str, str],
+                                           message: str) -> None:
+    spec = _write_spec(tmp_path / "spec", CLOSE_SPEC.format(budget=BUDGET).replace(*edit))
+    proc = _sweep(spec, tmp_path / "out", f"data.path={tiny_data}", "--dry-run", check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -45,8 +45,8 @@ from peer_dist.fileio import write_atomic
 from peer_dist.sweep.plan import Launch, PlannedRun, format_plan, plan_sweep, plan_tuning
 from peer_dist.sweep.results import (RunResult, describe_data, final_validation, result_from_folder,
                                      write_results)
-from peer_dist.sweep.spec import SweepSpec
-from peer_dist.sweep.stats import Choice, choose
+from peer_dist.sweep.spec import SweepSpec, flops_text
+from peer_dist.sweep.stats import Choice, choose, close_points
 
 EXIT_PREEMPTED = 75  # as the trainer's (peer_dist/train/signals.py): rerun the same command to continue
 EXIT_RUN_FAILED = 1
@@ -150,16 +150,34 @@ class SweepRunner:
         self.spec, self.output, self.launch, self.only = spec, output, launch, only
         self.tune_runs = plan_tuning(spec, output, launch, only)
         self.runs = self._plan_main()
+        self.extra_runs = self._plan_extra()
+
+    def _chosen(self) -> dict[str, dict[str, float]] | None:
+        if self.spec.tune is None:
+            return None
+        return {m: c.chosen for m, c in self.choices().items() if c.chosen is not None}
 
     def _plan_main(self) -> list[PlannedRun]:
-        choices = None
-        if self.spec.tune is not None:
-            choices = {m: c.chosen for m, c in self.choices().items() if c.chosen is not None}
-        return plan_sweep(self.spec, self.output, self.launch, self.only, choices)
+        return plan_sweep(self.spec, self.output, self.launch, self.only, self._chosen())
+
+    def _plan_extra(self) -> list[PlannedRun]:
+        """sweep.close_seeds runs of the points whose differences are within noise (decided on the
+        finished runs of sweep.seeds alone, so a rerun plans the same ones)."""
+        if not self.spec.close_seeds:
+            return []
+        close = close_points(self._results(self.runs))
+        if not close:
+            return []
+        spec, chosen = replace(self.spec, seeds=self.spec.close_seeds), self._chosen()
+        runs = []
+        for budget, method, size in close:
+            runs += [r for r in plan_sweep(spec, self.output, self.launch, [f"{method}/{size}"], chosen)
+                     if r.budget == budget]
+        return runs
 
     @property
     def all_runs(self) -> list[PlannedRun]:
-        return self.tune_runs + self.runs
+        return self.tune_runs + self.runs + self.extra_runs
 
     def choices(self) -> dict[str, Choice]:
         return choose(self._results(self.tune_runs))
@@ -191,6 +209,8 @@ class SweepRunner:
                 code = self._run_all(self.tune_runs, states, stopper, "tuning ") if self.tune_runs else 0
                 if code != EXIT_PREEMPTED:
                     code = max(code, self._run_main(stopper))
+                if code == 0:
+                    code = self._run_extra(stopper)
             finally:
                 stopper.restore()
             paths = self.write_results()
@@ -213,6 +233,15 @@ class SweepRunner:
             print(f"method(s) {', '.join(waiting)} wait for their tuning runs; rerun the same command", flush=True)
             return EXIT_RUN_FAILED
         return code
+
+    def _run_extra(self, stopper: _Stopper) -> int:
+        self.extra_runs = self._plan_extra()
+        if not self.extra_runs:
+            return 0
+        points = sorted({f"{flops_text(r.budget)} {r.method}/{r.size}" for r in self.extra_runs})
+        print(f"within noise: seeds {', '.join(map(str, self.spec.close_seeds or ()))} added to "
+              + "; ".join(points), flush=True)
+        return self._run_all(self.extra_runs, self.states(), stopper, "extra seed ")
 
     def _run_all(self, runs: list[PlannedRun], states: dict[str, RunState], stopper: _Stopper, what: str) -> int:
         failed = []
@@ -303,7 +332,7 @@ class SweepRunner:
         return out
 
     def results(self) -> list[RunResult]:
-        return self._results(self.runs)
+        return self._results(self.runs + self.extra_runs)
 
     def write_results(self) -> list[Path]:
         data = [describe_data(path) for path in dict.fromkeys(run.cfg.data.path for run in self.all_runs)]

@@ -24,6 +24,7 @@ Optional, for a fair comparison (see docs/sweeps.md)::
 
     [sweep]
     seeds = [0, 1]               # train.seed of each reported point's runs (mean +- spread over them)
+    close_seeds = [2]            # more seeds where a difference is within noise (below)
 
     [tune]                       # a learning-rate grid per method, chosen on the data's tuning split
     budget = 1e12                # training FLOPs of every tuning run, the same for every method
@@ -31,6 +32,11 @@ Optional, for a fair comparison (see docs/sweeps.md)::
     lr = [1e-3, 2e-3, 4e-3]      # train.lr values, every method
     table_lr_scale = [1, 3, 10]  # train.table_lr_scale values, methods whose model.ffn is pkm or peer
     seeds = [0]                  # train.seed of the tuning runs [the first of sweep.seeds, or the config's]
+
+``close_seeds``: once every point of a budget has finished its ``seeds``, the best point of
+each method whose mean perplexity is within 2 standard errors of the budget's best method
+(and that best method's point) also trains these seeds. The decision uses the ``seeds``
+runs only, so a rerun plans the same extra runs.
 
 Keys may be written dotted (``model.d_model = 96``, TOML nests them) or quoted
 (``"model.d_model" = 96``); both mean the config key ``model.d_model``. A method is a
@@ -56,7 +62,7 @@ from peer_dist.errors import ConfigError
 # Keys the sweep derives for every run; a spec setting them would be silently ignored.
 SWEEP_OWNED_KEYS = ("run.dir", "run.name", "train.max_steps", "data.eval_split")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # becomes part of a run folder name
-_SWEEP_KEYS = ("base", "budgets", "min_steps", "warmup_fraction", "description", "seeds")
+_SWEEP_KEYS = ("base", "budgets", "min_steps", "warmup_fraction", "description", "seeds", "close_seeds")
 _METHOD_KEYS = ("overrides", "sizes", "tune")
 _TUNE_KEYS = ("budget", "size", "lr", "table_lr_scale", "seeds")
 # [tune] list -> the config key each value sets; table_lr_scale only for these model.ffn kinds
@@ -105,6 +111,7 @@ class SweepSpec:
     warmup_fraction: float | None = None
     description: str = ""
     seeds: tuple[int, ...] | None = None  # None: one run per point with the config's train.seed
+    close_seeds: tuple[int, ...] | None = None  # added to points whose difference is within noise
     tune: TuneSpec | None = None
 
     def method(self, name: str) -> MethodSpec:
@@ -146,6 +153,7 @@ def parse_spec(raw: dict[str, Any], path: Path) -> SweepSpec:
         warmup_fraction=_warmup_fraction(sweep.get("warmup_fraction"), where),
         description=str(sweep.get("description", "")),
         seeds=_seeds(sweep.get("seeds"), where, "sweep.seeds"),
+        close_seeds=_close_seeds(sweep, where),
     )
     if "tune" in raw:
         spec = replace(spec, tune=_tune(_table(raw["tune"], f"{where}: [tune]"), spec, where))
@@ -246,6 +254,21 @@ def _seeds(value: Any, where: str, key: str) -> tuple[int, ...] | None:
     if len(set(value)) != len(value):
         raise ConfigError(f"{where}: {key} = {value} has duplicates; each seed once")
     return tuple(value)
+
+
+def _close_seeds(sweep: dict[str, Any], where: str) -> tuple[int, ...] | None:
+    close = _seeds(sweep.get("close_seeds"), where, "sweep.close_seeds")
+    if close is None:
+        return None
+    seeds = _seeds(sweep.get("seeds"), where, "sweep.seeds") or ()
+    if len(seeds) < 2:
+        raise ConfigError(f"{where}: sweep.close_seeds needs sweep.seeds with at least 2 seeds (a spread to "
+                          f"compare differences with), got seeds = {list(seeds)}")
+    both = sorted(set(seeds) & set(close))
+    if both:
+        raise ConfigError(f"{where}: sweep.close_seeds {list(close)} repeats seed(s) {both} of sweep.seeds "
+                          f"{list(seeds)}; give new seeds")
+    return close
 
 
 def _grid_list(value: Any, where: str, key: str) -> tuple[float, ...]:

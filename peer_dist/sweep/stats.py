@@ -178,6 +178,26 @@ def compare(brackets: Sequence[Bracket]) -> list[Difference]:
     return out
 
 
+def close_points(results: Sequence[Any]) -> list[tuple[float, str, str]]:
+    """(budget, method, size) of the points that need more seeds: per budget whose points have
+    all finished, the best point of every method within NOISE_SIGMAS standard errors of the
+    leader's, and the leader's own. ``results``: the runs of the base seeds only."""
+    points = aggregate(results)
+    out = []
+    for budget in dict.fromkeys(p.budget for p in points):
+        mine = [p for p in points if p.budget == budget]
+        if not all(p.complete for p in mine):
+            continue
+        brackets = bracketing(mine)
+        close = [d for d in compare(brackets) if d.se is not None and d.diff <= NOISE_SIGMAS * d.se]
+        if not close:
+            continue
+        best = {b.method: b.best for b in brackets if b.best is not None}
+        for method in dict.fromkeys([close[0].leader] + [d.method for d in close]):
+            out.append((budget, method, best[method].size))
+    return out
+
+
 # ---------------------------------------------------------------------------- tuning
 
 
