@@ -86,7 +86,7 @@ def _usage(args: argparse.Namespace) -> int:
     from peer_dist.train.evaluation import run_usage
 
     run_usage(args.checkpoint, args.output, data_path=args.data, batch_size=args.batch_size,
-              max_batches=args.batches, device=args.device)
+              max_batches=args.batches, device=args.device, batch_stats=args.batch_stats)
     return 0
 
 
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="prepared data folder (default: the one the run trained on)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--batches", type=int, default=50, help="validation batches (each one document of the ranking)")
+    p.add_argument("--batch-stats", action="store_true",
+                   help="query BatchNorm with each batch's statistics, as in training (default: running statistics)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_usage)
 

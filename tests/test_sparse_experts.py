@@ -57,6 +57,60 @@ def test_usage_statistics_add_up(usage: Path) -> None:
     assert proc.returncode == 2 and "nothing is overwritten" in proc.stderr
 
 
+def test_usage_line_and_batch_statistics(usage: Path) -> None:
+    """The printed line matches the file's counts; --batch-stats retrieves like a training-mode
+    query BatchNorm (checked against the model's own retrieval) and leaves the running statistics."""
+    from peer_dist.data import val_batches
+    from peer_dist.inference.loading import load_model
+    from peer_dist.model.retrieval import QueryBatchNorm, independent_halves_usage
+
+    proc = run_cli(["usage", str(usage / "run"), "-o", str(usage / "batch.pt"), "--batches", "3", "--batch-stats"])
+    counts = torch.load(usage / "batch.pt", weights_only=False)["layers"][LAYER]["counts"]
+    line = next(li for li in proc.stdout.splitlines() if li.startswith(f"{LAYER}: "))
+    assert f"expert usage {float(counts.gt(0).double().mean()):.2%}" in line and "batch statistics" in line
+    assert f"independent sub-key choices {independent_halves_usage(counts):.2%}" in line
+    loaded = load_model(usage / "run", torch.device("cpu"))
+    peer = loaded.model.get_submodule(LAYER)
+    norm = next(m for m in peer.modules() if isinstance(m, QueryBatchNorm))
+    running = norm.running_mean.clone()
+    expected = torch.zeros_like(counts)
+    hidden = {}
+    handle = peer.register_forward_pre_hook(lambda _m, args: hidden.__setitem__("x", args[0]))
+    loaded.model.eval()
+    norm.train()
+    norm.momentum = 0.0
+    with torch.no_grad():
+        for batch in val_batches(loaded.config.data.path, rank=0, world=1, batch_size=8, max_batches=3):
+            loaded.model(batch[:, :-1])
+            _, ids = peer.retrieve(hidden["x"])
+            expected += torch.bincount(ids.flatten(), minlength=counts.numel()).double()
+    handle.remove()
+    torch.testing.assert_close(counts, expected, rtol=0, atol=0)
+    assert torch.equal(norm.running_mean, running)
+
+
+def test_independent_halves_usage_against_sampling_and_hand_numbers() -> None:
+    from peer_dist.model.retrieval import independent_halves_usage
+
+    # 2 x 2 sub-keys, one retrieval per expert: R = 4, p = p' = (1/2, 1/2): 1 - exp(-1) per cell
+    assert independent_halves_usage(torch.ones(4)) == pytest.approx(1 - math.exp(-1), abs=1e-15)
+    gen = torch.Generator().manual_seed(0)
+    n, draws = 32, 3000
+    first = torch.softmax(torch.randn(n, generator=gen), 0)
+    second = torch.softmax(2 * torch.randn(n, generator=gen), 0)
+    for _ in range(20):  # independent draws: the formula is their expected coverage
+        a = torch.multinomial(first, draws, replacement=True, generator=gen)
+        b = torch.multinomial(second, draws, replacement=True, generator=gen)
+        counts = torch.bincount(a * n + b, minlength=n * n).double()
+        assert independent_halves_usage(counts) == pytest.approx(float(counts.gt(0).double().mean()), abs=0.02)  # coverage near 0.2
+    # perfectly correlated choices (b = a): usage 1/n, far below what independent choices reach
+    diagonal = torch.zeros(n, n)
+    diagonal.diagonal().fill_(draws / n)
+    assert float(diagonal.gt(0).double().mean()) == 1 / n and independent_halves_usage(diagonal.flatten()) > 0.9
+    with pytest.raises(ValueError, match="n \\* n entries"):
+        independent_halves_usage(torch.ones(5))
+
+
 def _changed_rows(before: dict, after: dict) -> set[int]:
     return {i for name in TABLES for i in (before[name] != after[name]).any(1).nonzero().squeeze(1).tolist()}
 

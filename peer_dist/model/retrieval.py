@@ -199,6 +199,23 @@ def usage_metrics(counts: Tensor, mass: Tensor) -> dict[str, float]:
     return out
 
 
+def independent_halves_usage(counts: Tensor) -> float:
+    """The expert usage that the same number of retrievals would reach if the two sub-keys of
+    each retrieval were drawn independently from their observed marginals: the mean over
+    (a, b) of 1 - exp(-R p(a) p'(b)), R = counts.sum(). Against the usage measured, it says how
+    much of the unused share comes from correlated sub-key choices (the pairs), the rest from
+    the marginals themselves (rarely or never chosen sub-keys). counts: (n * n,) per expert."""
+    n = math.isqrt(counts.numel())
+    if n * n != counts.numel():
+        raise ValueError(f"counts must have n * n entries, got {counts.numel()}")
+    counts_nn = counts.to(torch.float64).view(n, n)
+    total = counts_nn.sum()
+    if float(total) == 0:
+        return 0.0
+    first_n, second_n = counts_nn.sum(1) / total, counts_nn.sum(0) / total
+    return float((-torch.expm1(-total * first_n[:, None] * second_n[None, :])).mean())
+
+
 def make_query_norm(query_norm: str, heads: int, d_key: int) -> nn.Module:
     if query_norm == "batchnorm":
         return QueryBatchNorm(heads * d_key)

@@ -67,10 +67,13 @@ def run_eval(checkpoint: str | Path, data_path: str | None = None, batch_size: i
 
 
 def run_usage(checkpoint: str | Path, output: str | Path, data_path: str | None = None,
-              batch_size: int | None = None, max_batches: int = 50, device: str = "auto") -> dict[str, Any]:
+              batch_size: int | None = None, max_batches: int = 50, device: str = "auto",
+              batch_stats: bool = False) -> dict[str, Any]:
     """`peer-dist usage`: per PEER layer, expert retrievals and document frequencies over validation
-    batches (the background or target statistics of sparse expert finetuning, train.sparse_experts)."""
+    batches (the background or target statistics of sparse expert finetuning, train.sparse_experts),
+    and a line per layer: usage, sub-key usage and the usage independent sub-key choices would reach."""
     from peer_dist.inference.loading import load_model
+    from peer_dist.model.retrieval import independent_halves_usage, usage_metrics
     from peer_dist.train.sparse_experts import collect_usage
 
     output = Path(output)
@@ -88,7 +91,7 @@ def run_usage(checkpoint: str | Path, output: str | Path, data_path: str | None 
         data_dir, rank=env.rank, world=env.world, batch_size=batch_size or loaded.config.train.micro_batch_size,
         max_batches=max_batches, read_retries=loaded.config.data.read_retries,
         retry_wait_s=loaded.config.data.retry_wait_s))
-    usage = collect_usage(loaded.model, batches)
+    usage = collect_usage(loaded.model, batches, batch_stats=batch_stats)
     usage.update(source=str(loaded.source), data=str(data_dir))
     if env.is_main:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -96,5 +99,14 @@ def run_usage(checkpoint: str | Path, output: str | Path, data_path: str | None 
         used = {name: int(s["counts"].gt(0).sum()) for name, s in usage["layers"].items()}
         print(f"wrote {output}: {usage['batches']} batches, {usage['tokens']} tokens of {data_dir}; experts "
               f"retrieved per layer: {used}")
+        stats = "batch statistics" if batch_stats else "running statistics"
+        for name, layer in usage["layers"].items():
+            counts = layer["counts"]
+            metrics = usage_metrics(counts, counts)
+            line = f"{name}: {counts.sum():.0f} retrievals, expert usage {metrics['expert_usage']:.2%}"
+            if "subkey_usage" in metrics:
+                line += (f", sub-key usage {metrics['subkey_usage']:.2%}, usage with independent sub-key "
+                         f"choices {independent_halves_usage(counts):.2%}")
+            print(f"{line} (query norm with {stats})")
     finish_distributed()
     return usage

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from peer_dist.errors import ConfigError
 from peer_dist.model.peer import PEER
+from peer_dist.model.retrieval import QueryBatchNorm
 
 
 def tfidf_scores(counts_N: Tensor, doc_freq_N: Tensor, num_docs: int) -> Tensor:
@@ -49,10 +50,12 @@ def top_experts(counts_N: Tensor, doc_freq_N: Tensor, num_docs: int, t: int) -> 
     return used[order[:t]].sort().values
 
 
-def collect_usage(model: nn.Module, batches: Iterable[Tensor]) -> dict[str, Any]:
+def collect_usage(model: nn.Module, batches: Iterable[Tensor], batch_stats: bool = False) -> dict[str, Any]:
     """Per PEER layer, retrievals per expert (``counts``) and batches retrieving it (``doc_freq``).
 
     Collective over the default group (every rank the same number of batches); eval mode.
+    ``batch_stats``: query BatchNorms normalise with each batch's own statistics (as in
+    training) instead of their running ones; the running statistics are left unchanged.
     """
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, PEER)]
     if not layers:
@@ -60,6 +63,10 @@ def collect_usage(model: nn.Module, batches: Iterable[Tensor]) -> dict[str, Any]
     stats = {name: {"counts": torch.zeros(m.num_experts, dtype=torch.float64),
                     "doc_freq": torch.zeros(m.num_experts, dtype=torch.float64)} for name, m in layers}
     model.eval()
+    norms = [m for m in model.modules() if isinstance(m, QueryBatchNorm)] if batch_stats else []
+    saved = [(m.momentum, m.training, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum, m.training = 0.0, True  # batch statistics; running ones unchanged (momentum 0)
     num, tokens = 0, 0
     with torch.no_grad():
         for batch in batches:
@@ -75,7 +82,10 @@ def collect_usage(model: nn.Module, batches: Iterable[Tensor]) -> dict[str, Any]
                 stats[name]["doc_freq"] += counts.gt(0).double()
     for _, m in layers:
         m.track_usage(False)
-    return {"layers": stats, "batches": num, "tokens": tokens * dist.get_world_size()}
+    for m, (momentum, training, tracked) in zip(norms, saved):
+        m.momentum, m.training = momentum, training
+        m.num_batches_tracked.copy_(tracked)
+    return {"layers": stats, "batches": num, "tokens": tokens * dist.get_world_size(), "batch_stats": batch_stats}
 
 
 def load_usage(path: str, key: str) -> dict[str, Any]:
