@@ -209,6 +209,38 @@ def test_rerun_trains_nothing_again(sweep: Path, tiny_data: Path) -> None:
     assert all(r["status"] == "done" for r in _rows(sweep))
 
 
+def test_changed_eval_batches_validates_again_without_training(sweep: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """train.eval_batches is resume-safe: a finished run is validated again with the new value
+    (a new final row, the checkpoint and training rows untouched) and results use that row."""
+    import shutil
+
+    import torch
+
+    from peer_dist.train.evaluation import run_eval
+    from tests.helpers import final_weights
+
+    out = tmp_path / "copy"
+    shutil.copytree(sweep, out)
+    name = "b1.2e9-dense-f64"
+    before = read_metrics(out / "runs" / name)
+    weights = final_weights(out / "runs" / name)
+    proc = _sweep(out / "spec.toml", out, f"data.path={tiny_data}", "train.eval_batches=3", "--only", "dense/f64")
+    assert "validating again with train.eval_batches = 3" in proc.stdout and "trained" not in proc.stdout.replace(
+        "trained; validating", "")
+    after = read_metrics(out / "runs" / name)
+    assert after[: len(before)] == before
+    new = [r for r in after[len(before):] if "val/loss" in r]
+    assert len(new) == 1 and new[0]["val/eval_batches"] == 3 and before[-1].get("val/eval_batches", 2) == 2
+    assert new[0]["val/tokens"] != [r for r in before if "val/loss" in r][-1]["val/tokens"]
+    assert new[0]["val/loss"] == pytest.approx(run_eval(out / "runs" / name, max_batches=3)["val/loss"], rel=1e-6)
+    after_weights = final_weights(out / "runs" / name)  # the final checkpoint, written again, same weights
+    assert weights.keys() == after_weights.keys() and all(torch.equal(weights[k], after_weights[k]) for k in weights)
+    row = next(r for r in _rows(out) if r["run_name"] == name)
+    assert float(row["val_loss"]) == pytest.approx(new[0]["val/loss"], rel=1e-12)
+    again = _sweep(out / "spec.toml", out, f"data.path={tiny_data}", "train.eval_batches=3", "--only", "dense/f64")
+    assert "done, not retrained" in again.stdout and "validating again" not in again.stdout
+
+
 def test_changed_spec_on_old_folder_is_refused(sweep: Path, tiny_data: Path) -> None:
     csv_before = (sweep / "results.csv").read_text()
     proc = _sweep(sweep / "spec.toml", sweep, f"data.path={tiny_data}", "train.lr=1e-3", check=False)

@@ -11,7 +11,9 @@ Output folder layout::
 
 A run is *done* when its newest committed checkpoint is at the planned step and
 metrics.jsonl has the validation row of that step (the trainer validates, then
-commits the final checkpoint): it is never started again. Any other run is started
+commits the final checkpoint) made with the run's ``train.eval_batches``: it is never
+started again. One validated with another ``train.eval_batches`` (a resume-safe key) is
+started once more: the trainer finds nothing left to train and validates again. Any other run is started
 with the same command; the trainer resumes by itself from its newest good checkpoint.
 A run folder whose checkpoint belongs to another configuration (the spec, base
 config, data or process count changed since) stops the sweep before anything runs.
@@ -55,7 +57,7 @@ _LOG_TAIL_LINES = 25
 
 @dataclass(frozen=True)
 class RunState:
-    status: str  # "done" | "resume" | "new" | "waiting" (for its method's tuning) | "conflict"
+    status: str  # "done" | "resume" | "revalidate" | "new" | "waiting" (for its method's tuning) | "conflict"
     step: int = 0  # newest committed checkpoint's step
 
 
@@ -87,8 +89,12 @@ def run_state(run: PlannedRun) -> RunState:
     if newest.step > run.steps:
         raise CheckpointError(f"run folder {run.run_dir} has a checkpoint at step {newest.step}, beyond the "
                               f"{run.steps} steps planned: delete the folder to retrain it, or use another --output")
-    if newest.step == run.steps and final_validation(run.run_dir, run.steps) is not None:
-        return RunState("done", newest.step)
+    if newest.step == run.steps:
+        row = final_validation(run.run_dir, run.steps)
+        if row is not None and row.get("val/eval_batches") == run.cfg.train.eval_batches:
+            return RunState("done", newest.step)
+        if row is not None:  # trained, validated with another train.eval_batches: validate again
+            return RunState("revalidate", newest.step)
     return RunState("resume", newest.step)
 
 
@@ -276,7 +282,9 @@ class SweepRunner:
         command = train_command(config_path, self.launch)
         log_path = self.output / "logs" / f"{run.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        how = f"resuming from step {state.step}" if state.status == "resume" else "starting"
+        how = {"resume": f"resuming from step {state.step}",
+               "revalidate": f"trained; validating again with train.eval_batches = {run.cfg.train.eval_batches}"
+               }.get(state.status, "starting")
         print(f"{tag}: {how}, {run.steps} steps of {run.tokens_per_step} tokens (log {log_path})", flush=True)
         start = time.monotonic()
         with open(log_path, "ab") as log:
@@ -346,6 +354,8 @@ def _status_text(run: PlannedRun, state: RunState, attempts: list[dict[str, Any]
         return state.status
     if state.status == "waiting":
         return "waiting for tuning"
+    if state.status == "revalidate":
+        return "trained; to validate again (train.eval_batches changed)"
     last = attempts[-1] if attempts else {}
     if last.get("exit_code", 0) != 0:
         what = "stopped" if last.get("stopped") else "failed"

@@ -623,6 +623,8 @@ def _validate(cfg: Config, setup: _Setup, step: int) -> dict[str, float]:
                           split=cfg.data.eval_split)
     # val/* metrics are of data.eval_split: the validation split, or the tuning split while tuning
     metrics = evaluate(setup.engine.module, batches, setup.device)
+    # the setting it ran with: a sweep validates a finished run again when it changes
+    metrics["val/eval_batches"] = float(cfg.train.eval_batches)
     setup.writer.scalars(metrics, step)
     get_logger().info("step %d  validation loss %.4f  perplexity %.2f", step, metrics["val/loss"],
                       metrics["val/perplexity"])
