@@ -279,3 +279,32 @@ def test_two_ranks_resume_exactly(tmp_path: Path, tiny_data: Path, uninterrupted
     restart = _resume(tmp_path, tiny_data, TWO_RANK[layout], 2)
     assert _first_step(restart) < STEPS  # it resumed something: the interrupted run had not finished
     _assert_matches(run, uninterrupted_two_ranks[layout])
+
+
+@pytest.mark.timeout(300)
+def test_moe_run_resumes_exactly_from_an_interval_checkpoint(tmp_path: Path, tiny_data: Path) -> None:
+    """An MoE model (dense-updated 3-D expert weights) resumes from a mid-run checkpoint to the
+    uninterrupted run's losses and weights, and a finished one validates again without training."""
+    import shutil
+
+    moe = ["model.ffn=moe", "model.moe.num_experts=4", "model.moe.topk=2", "train.max_steps=6", "train.ckpt_interval=3"]
+    run_cli(_args(tiny_data, tmp_path, "whole", moe))
+    whole = tmp_path / "whole"
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000006")
+    for path in (resumed / "checkpoints").glob("latest*"):
+        path.unlink()
+    (resumed / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (resumed / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 3))
+    proc = run_cli(_args(tiny_data, tmp_path, "resumed", moe))
+    assert _first_step(proc) == 3  # there were 3 steps left to train
+    assert _losses_by_step(resumed) == pytest.approx(_losses_by_step(whole), rel=1e-5)
+    expected, got = final_weights(whole), final_weights(resumed)
+    assert expected.keys() == got.keys() and "blocks.1.ffn.experts.w_in" in got
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+    again = run_cli(_args(tiny_data, tmp_path, "resumed", [*moe, "train.eval_batches=3"]))
+    assert _first_step(again) == 6  # finished: validated again, nothing trained
+    after = final_weights(resumed)
+    assert all(torch.equal(after[k], got[k]) for k in got)

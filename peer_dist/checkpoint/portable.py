@@ -320,7 +320,8 @@ def _assemble_expert_rows(folder: Path, model: nn.Module, shardings: dict[int, A
             for canon in canons:
                 entry = saved[canon.rpartition(".")[2]]
                 if "row_step" not in entry:  # saved with dense table updates
-                    entry["row_step"] = torch.where(entry["exp_avg_sq"].ne(0).any(1), step_count, 0)
+                    # (a row of an MoE expert weight is a whole (d_in, d_out) matrix: any over the rest)
+                    entry["row_step"] = torch.where(entry["exp_avg_sq"].ne(0).flatten(1).any(1), step_count, 0)
                 target = local_of[entry["rows"]]
                 mine = target >= 0
                 for key in ("param", *OPT_KEYS, "row_step"):
