@@ -91,8 +91,33 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
     root = tmp_path_factory.mktemp("sweep")
     spec = _write_spec(root / "spec", SPEC.format(budget=BUDGET))
     out = root / "out"
-    _sweep(spec, out, f"data.path={tiny_data}")
+    proc = _sweep(spec, out, f"data.path={tiny_data}", "--jobs", "2")  # the tests below check each run alone
+    assert "2 at a time" in proc.stdout
     return out
+
+
+def _attempt_spans(out: Path) -> dict[str, tuple[float, float]]:
+    """Each run's (start, end) wall-clock seconds from its last attempt in logs/<run>.json."""
+    import json
+
+    spans = {}
+    for path in (out / "logs").glob("*.json"):
+        last = json.loads(path.read_text())["attempts"][-1]
+        end = time.mktime(time.strptime(last["finished"], "%Y-%m-%dT%H:%M:%S"))
+        spans[path.stem] = (end - last["wall_s"], end)
+    return spans
+
+
+def test_jobs_train_runs_side_by_side_and_never_more(sweep: Path) -> None:
+    spans = sorted(_attempt_spans(sweep).values())
+    assert len(spans) == 6
+    # 'finished' has whole seconds: a run counts as running from 1 s after its start to its end
+    events = sorted([(start + 1, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    most, now = 0, 0
+    for _, change in events:
+        now += change
+        most = max(most, now)
+    assert most == 2  # two at once (each run takes several seconds), never three
 
 
 def test_every_run_spends_its_budget_and_nothing_more(sweep: Path, tiny_data: Path) -> None:
@@ -321,6 +346,8 @@ def test_bad_command_line_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "unrecognized arguments: data.path" in proc.stderr
     proc = _sweep(spec, tmp_path / "out", "--nproc", "2", check=False)
     assert proc.returncode == 2 and "needs --launcher torchrun" in proc.stderr
+    proc = _sweep(spec, tmp_path / "out", "--jobs", "0", check=False)
+    assert proc.returncode == 2 and "--jobs must be at least 1, got 0" in proc.stderr
     proc = _sweep(spec, tmp_path / "out", "data.path=/nowhere", check=False)
     assert proc.returncode == 2 and "/nowhere" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -343,11 +370,12 @@ def test_stopped_sweep_resumes_and_matches_an_uninterrupted_run(tmp_path: Path, 
     one = SPEC.split("[methods.dense]")[0].format(budget=3 * BUDGET) + """
 [methods.peer]
 overrides = { model.ffn = "peer", model.peer = { heads = 2, topk = 4, d_key = 16, num_experts = 256 } }
-sizes = [ { name = "n16" } ]
+sizes = [ { name = "n16" }, { name = "h4", model.peer.heads = 4 } ]
 """
     spec = _write_spec(tmp_path / "spec", one)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "peer_dist.cli", "sweep", str(spec), "-o", str(out), f"data.path={tiny_data}"]
+    cmd = [sys.executable, "-m", "peer_dist.cli", "sweep", str(spec), "-o", str(out), f"data.path={tiny_data}",
+           "--jobs", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "runs" / "b3.6e9-peer-n16" / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -359,12 +387,12 @@ sizes = [ { name = "n16" } ]
     text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, text
     assert "stopped on a signal" in text
+    # both jobs got the signal and checkpointed part-way
+    assert [r["status"][:17] for r in _rows(out)] == ["stopped (exit 75,"] * 2
+    resumed = _sweep(spec, out, f"data.path={tiny_data}", "--jobs", "2")
+    assert resumed.stdout.count("resuming from step") == 2
+    assert [r["status"] for r in _rows(out)] == ["done", "done"]
     row = _rows(out)[0]
-    assert row["status"].startswith("stopped (exit 75")
-    resumed = _sweep(spec, out, f"data.path={tiny_data}")
-    assert "resuming from step" in resumed.stdout
-    row = _rows(out)[0]
-    assert row["status"] == "done"
     # the uninterrupted reference: the same resolved config trained in one go
     run_cli(["train", "--config", str(out / "configs" / "b3.6e9-peer-n16.toml"), f"run.dir={tmp_path / 'ref'}"])
     ref = read_metrics(tmp_path / "ref" / "b3.6e9-peer-n16")

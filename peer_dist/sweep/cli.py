@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how each run starts: one plain process (none) or torchrun --standalone")
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes per run under --launcher torchrun (sets the global batch, hence the steps)")
+    parser.add_argument("--jobs", "-j", type=int, default=1,
+                        help="runs trained at once (each its own process; OMP_NUM_THREADS = cores / jobs "
+                             "unless set); tuning, main runs and extra seeds still run one stage after another")
     parser.add_argument("--only", nargs="+", metavar="METHOD[/SIZE]", default=None,
                         help="plan and run only these methods (peer) or sizes of a method (peer/d96)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -39,12 +42,12 @@ def run(args: argparse.Namespace) -> int:
     launch = Launch(args.launcher, args.nproc)
     spec = with_overrides(load_spec(args.spec), args.overrides)
     output = Path(args.output)
-    runner = SweepRunner(spec, output, launch, args.only)
+    runner = SweepRunner(spec, output, launch, args.only, args.jobs)
     runs = runner.all_runs
     procs = f"{launch.nproc} process{'es' if launch.nproc > 1 else ''}"
     tuning = f" ({len(runner.tune_runs)} tuning)" if runner.tune_runs else ""
     print(f"sweep {spec.path}: {len(runs)} runs{tuning}, {len(spec.budgets)} budget(s), "
-          f"launcher {launch.launcher} x {procs}, "
+          f"launcher {launch.launcher} x {procs}, {args.jobs} at a time, "
           f"{human(sum(r.tokens for r in runs))} tokens, {flops_text(sum(r.flops for r in runs))} training FLOPs in all",
           flush=True)
     if args.dry_run:

@@ -15,6 +15,9 @@ commits the final checkpoint) made with the run's ``train.eval_batches``: it is 
 started again. One validated with another ``train.eval_batches`` (a resume-safe key) is
 started once more: the trainer finds nothing left to train and validates again. Any other run is started
 with the same command; the trainer resumes by itself from its newest good checkpoint.
+With ``jobs`` > 1 up to that many runs of a stage train at once, each in its own process
+(with ``OMP_NUM_THREADS`` = cores / jobs unless the environment sets it); the stages
+(tuning, main runs, extra seeds) still follow one another.
 A run folder whose checkpoint belongs to another configuration (the spec, base
 config, data or process count changed since) stops the sweep before anything runs.
 
@@ -53,6 +56,18 @@ from peer_dist.sweep.stats import Choice, choose, close_points
 EXIT_PREEMPTED = 75  # as the trainer's (peer_dist/train/signals.py): rerun the same command to continue
 EXIT_RUN_FAILED = 1
 _LOG_TAIL_LINES = 25
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One started run: its process and what its end is reported with."""
+
+    run: PlannedRun
+    tag: str
+    command: list[str]
+    log_path: Path
+    child: subprocess.Popen[bytes]
+    start: float
 
 
 @dataclass(frozen=True)
@@ -107,7 +122,7 @@ def train_command(config_path: Path, launch: Launch) -> list[str]:
 
 
 class _Stopper:
-    """SIGTERM / SIGUSR1 to the sweep: pass it to the running job (which checkpoints and exits 75), start no more.
+    """SIGTERM / SIGUSR1 to the sweep: pass it to the running jobs (which checkpoint and exit 75), start no more.
 
     A plain child gets the same signal; torchrun gets SIGTERM, which it forwards to its
     workers (it would die on SIGUSR1 and orphan them). The trainer stops on both by default
@@ -118,7 +133,7 @@ class _Stopper:
 
     def __init__(self, launch: Launch) -> None:
         self.launch = launch
-        self.child: subprocess.Popen[bytes] | None = None
+        self.children: list[subprocess.Popen[bytes]] = []
         self.stopped = False
         self._previous: dict[int, Any] = {}
 
@@ -133,8 +148,9 @@ class _Stopper:
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         self.stopped = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signum if self.launch.launcher == "none" else signal.SIGTERM)
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signum if self.launch.launcher == "none" else signal.SIGTERM)
 
 
 @contextmanager
@@ -152,8 +168,11 @@ def _locked(output: Path) -> Iterator[None]:
 class SweepRunner:
     """Plans (tuning runs, then main runs with the chosen settings), trains what is not done, writes results."""
 
-    def __init__(self, spec: SweepSpec, output: Path, launch: Launch, only: list[str] | None = None) -> None:
-        self.spec, self.output, self.launch, self.only = spec, output, launch, only
+    def __init__(self, spec: SweepSpec, output: Path, launch: Launch, only: list[str] | None = None,
+                 jobs: int = 1) -> None:
+        if jobs < 1:
+            raise UserError(f"--jobs must be at least 1, got {jobs}")
+        self.spec, self.output, self.launch, self.only, self.jobs = spec, output, launch, only, jobs
         self.tune_runs = plan_tuning(spec, output, launch, only)
         self.runs = self._plan_main()
         self.extra_runs = self._plan_extra()
@@ -250,24 +269,31 @@ class SweepRunner:
         return self._run_all(self.extra_runs, self.states(), stopper, "extra seed ")
 
     def _run_all(self, runs: list[PlannedRun], states: dict[str, RunState], stopper: _Stopper, what: str) -> int:
-        failed = []
+        """Train the runs that are not done, up to self.jobs at a time, in plan order."""
+        todo = []
         for i, run in enumerate(runs, 1):
             tag = f"[{what}{i}/{len(runs)}] {run.name}"
             if states[run.name].status == "done":
                 print(f"{tag}: done, not retrained", flush=True)
-                continue
-            if run.waiting:
-                continue
-            if stopper.stopped:
+            elif not run.waiting:
+                todo.append((run, tag))
+        failed, preempted, running = [], False, []
+        while todo or running:
+            while todo and len(running) < self.jobs and not stopper.stopped:
+                run, tag = todo.pop(0)
+                running.append(self._start(run, states[run.name], stopper, tag))
+            if not running:
                 break
-            code = self._run_one(run, states[run.name], stopper, tag)
+            job = self._wait_any(running, stopper)
+            running.remove(job)
+            code = self._finish(job, stopper)
             self.write_results()
             if code == EXIT_PREEMPTED or stopper.stopped:
-                print(f"{tag}: stopped on a signal; rerun the same command to continue", flush=True)
-                return EXIT_PREEMPTED
-            if code != 0:
-                failed.append(run.name)
-        if stopper.stopped:
+                print(f"{job.tag}: stopped on a signal; rerun the same command to continue", flush=True)
+                preempted = True
+            elif code != 0:
+                failed.append(job.run.name)
+        if preempted or stopper.stopped:
             return EXIT_PREEMPTED
         if failed:
             print(f"{len(failed)} run(s) failed: {', '.join(failed)}; see {self.output / 'logs'}/<run>.log. "
@@ -275,7 +301,7 @@ class SweepRunner:
             return EXIT_RUN_FAILED
         return 0
 
-    def _run_one(self, run: PlannedRun, state: RunState, stopper: _Stopper, tag: str) -> int:
+    def _start(self, run: PlannedRun, state: RunState, stopper: _Stopper, tag: str) -> _Job:
         config_path = self.output / "configs" / f"{run.name}.toml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(config_path, dump_toml(run.cfg))
@@ -286,13 +312,39 @@ class SweepRunner:
                "revalidate": f"trained; validating again with train.eval_batches = {run.cfg.train.eval_batches}"
                }.get(state.status, "starting")
         print(f"{tag}: {how}, {run.steps} steps of {run.tokens_per_step} tokens (log {log_path})", flush=True)
-        start = time.monotonic()
         with open(log_path, "ab") as log:
             log.write(f"\n=== sweep attempt {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command)}\n".encode())
             log.flush()
-            code = self._wait(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), stopper)
-        wall = time.monotonic() - start
-        self._record_attempt(run, command, code, wall, stopped=stopper.stopped or code == EXIT_PREEMPTED)
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._child_env())
+        stopper.children.append(child)
+        return _Job(run, tag, command, log_path, child, time.monotonic())
+
+    def _child_env(self) -> dict[str, str] | None:
+        """With several jobs, each gets an equal share of the cores unless OMP_NUM_THREADS is set."""
+        if self.jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+            return None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        per_job = max(1, cores // (self.jobs * self.launch.nproc))
+        return {**os.environ, "OMP_NUM_THREADS": str(per_job)}
+
+    @staticmethod
+    def _wait_any(running: list[_Job], stopper: _Stopper) -> _Job:
+        """The first of ``running`` to exit. Ctrl-C reaches the children too (same process group):
+        it marks the sweep stopped and the jobs are left to end by themselves."""
+        while True:
+            try:
+                for job in running:
+                    if job.child.poll() is not None:
+                        return job
+                time.sleep(0.2)
+            except KeyboardInterrupt:
+                stopper.stopped = True
+
+    def _finish(self, job: _Job, stopper: _Stopper) -> int:
+        run, tag, code = job.run, job.tag, int(job.child.returncode)
+        stopper.children.remove(job.child)
+        wall = time.monotonic() - job.start
+        self._record_attempt(run, job.command, code, wall, stopped=stopper.stopped or code == EXIT_PREEMPTED)
         if code == 0 and run_state(run).status != "done":
             print(f"{tag}: exited 0 but its folder has no final checkpoint + validation at step {run.steps}",
                   flush=True)
@@ -303,21 +355,9 @@ class SweepRunner:
             print(f"{tag}: done in {wall:.0f} s, {split} perplexity {row.get('val/perplexity', float('nan')):.3f}",
                   flush=True)
         elif code != EXIT_PREEMPTED:
-            print(f"{tag}: FAILED (exit {code}) after {wall:.0f} s; last lines of {log_path}:\n"
-                  + _tail(log_path, _LOG_TAIL_LINES), flush=True)
+            print(f"{tag}: FAILED (exit {code}) after {wall:.0f} s; last lines of {job.log_path}:\n"
+                  + _tail(job.log_path, _LOG_TAIL_LINES), flush=True)
         return code
-
-    @staticmethod
-    def _wait(child: subprocess.Popen[bytes], stopper: _Stopper) -> int:
-        stopper.child = child
-        try:
-            while True:
-                try:
-                    return child.wait()
-                except KeyboardInterrupt:  # Ctrl-C reached the child too (same process group): let it end
-                    stopper.stopped = True
-        finally:
-            stopper.child = None
 
     def _record_attempt(self, run: PlannedRun, command: list[str], code: int, wall: float, stopped: bool) -> None:
         path = self.output / "logs" / f"{run.name}.json"
