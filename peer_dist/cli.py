@@ -78,7 +78,7 @@ def _eval(args: argparse.Namespace) -> int:
     from peer_dist.train.evaluation import run_eval
 
     run_eval(args.checkpoint, data_path=args.data, batch_size=args.batch_size, max_batches=args.batches,
-             device=args.device, split=args.split)
+             device=args.device, split=args.split, batch_stats=args.batch_stats)
     return 0
 
 
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=None, help="validation batches per rank (default: all)")
     p.add_argument("--split", choices=("val", "tune"), default="val",
                    help="evaluate on the validation split (default) or the tuning split (--tune-fraction)")
+    p.add_argument("--batch-stats", action="store_true",
+                   help="query BatchNorm with each batch's statistics, as in training (default: running statistics)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(func=_eval)
 

@@ -101,6 +101,31 @@ def test_outputs_and_eval_reproduces_final_validation(tmp_path: Path, tiny_data:
     assert _eval_loss(reference, batches=2, batch_size=8, nproc=1) == pytest.approx(final["val/loss"], rel=1e-5)
 
 
+def test_eval_with_batch_statistics_equals_a_training_mode_forward(reference: Path, tiny_data: Path) -> None:
+    """`eval --batch-stats`: query BatchNorm normalises each batch by its own statistics, as a
+    training-mode forward does (the tiny model has no dropout), and leaves the running ones alone."""
+    import math
+
+    import torch.nn.functional as F
+
+    from peer_dist.data import val_batches
+    from peer_dist.inference.loading import load_model
+
+    out = run_cli(["eval", str(reference), "--batches", "2", "--batch-size", "8", "--batch-stats"]).stdout
+    ours = float(out.split("validation loss ")[1].split()[0])
+    assert "(query BatchNorm with batch statistics)" in out
+    model = load_model(reference, torch.device("cpu")).model.train()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in val_batches(tiny_data, rank=0, world=1, batch_size=8, max_batches=2):
+            logits = model(batch[:, :-1])
+            total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+            tokens += batch[:, 1:].numel()
+    assert ours == pytest.approx(total / tokens, rel=1e-5)
+    running = _eval_loss(reference, batches=2, batch_size=8, nproc=1)
+    assert not math.isclose(ours, running, rel_tol=1e-4)  # the flag changes what is measured
+
+
 def _eval_loss(run: Path, batches: int, batch_size: int, nproc: int) -> float:
     out = run_cli(["eval", str(run), "--batches", str(batches), "--batch-size", str(batch_size)], nproc=nproc).stdout
     return float(out.split("validation loss ")[1].split()[0])

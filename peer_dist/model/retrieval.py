@@ -16,6 +16,8 @@ Usage tracking feeds the PEER paper's Table 2 metrics (:func:`usage_metrics`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -46,15 +48,19 @@ class QueryBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.reduce_stats: Callable[[Tensor], Tensor] | None = None
+        # Eval mode normalises with each batch's own statistics instead of the running ones
+        # (which stay unchanged): `peer-dist eval --batch-stats`, `peer-dist usage --batch-stats`.
+        self.eval_batch_stats = False
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., F) -> (..., F)."""
         if x.shape[-1] != self.num_features:
             raise ValueError(f"expected (..., {self.num_features}) features, got {tuple(x.shape)}")
-        if not self.training:
+        if not self.training and not self.eval_batch_stats:
             return self._normalize(x, self.running_mean, self.running_var)
         mean_F, var_F, count = self._batch_stats(x.reshape(-1, self.num_features))
-        self._update_running_stats(mean_F, var_F, count)
+        if self.training:
+            self._update_running_stats(mean_F, var_F, count)
         return self._normalize(x, mean_F, var_F)
 
     def _batch_stats(self, x_TF: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -92,6 +98,20 @@ class QueryBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+@contextmanager
+def batch_statistics(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within it, every QueryBatchNorm of ``model`` in eval mode normalises with each batch's own
+    statistics (as in training; running statistics untouched). ``enabled=False``: no change."""
+    norms = [m for m in model.modules() if isinstance(m, QueryBatchNorm)] if enabled else []
+    for m in norms:
+        m.eval_batch_stats = True
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.eval_batch_stats = False
 
 
 class ProductKeyLayer(nn.Module):

@@ -20,13 +20,18 @@ from peer_dist.config import from_dict, validate
 from peer_dist.data import Manifest, val_batches
 from peer_dist.errors import ConfigError, DataError
 from peer_dist.log import get_logger, setup_logging
+from peer_dist.model.retrieval import batch_statistics
 from peer_dist.inference.loading import model_from_state
 from peer_dist.parallel.env import detect_env, finish_distributed, init_distributed, pick_backend, pick_device
 from peer_dist.train.metrics import evaluate
 
 
 def run_eval(checkpoint: str | Path, data_path: str | None = None, batch_size: int | None = None,
-             max_batches: int | None = None, device: str = "auto", split: str = "val") -> dict[str, float]:
+             max_batches: int | None = None, device: str = "auto", split: str = "val",
+             batch_stats: bool = False) -> dict[str, float]:
+    """Loss, perplexity and expert metrics of a checkpoint on a split. ``batch_stats``: query
+    BatchNorms normalise with each batch's own statistics, as in training (per rank), instead of
+    their running statistics."""
     for flag, value in (("--batch-size", batch_size), ("--batches", max_batches)):
         if value is not None and value < 1:  # 0 batches would "evaluate" to perplexity 1.000
             raise ConfigError(f"{flag} must be >= 1, got {value}")
@@ -54,13 +59,15 @@ def run_eval(checkpoint: str | Path, data_path: str | None = None, batch_size: i
     batches = val_batches(data_dir, rank=env.rank, world=env.world,
                           batch_size=batch_size or cfg.train.micro_batch_size, max_batches=max_batches,
                           read_retries=cfg.data.read_retries, retry_wait_s=cfg.data.retry_wait_s, split=split)
-    metrics = evaluate(model, batches, torch_device)
+    with batch_statistics(model, batch_stats):
+        metrics = evaluate(model, batches, torch_device)
     metrics["step"] = float(ckpt.step)
     get_logger().info("evaluated %s", ckpt.path)
     if env.is_main:
         print(f"checkpoint: {ckpt.path}")
         what = "validation" if split == "val" else f"{split} split"
-        print(f"{what} loss {metrics['val/loss']:.4f}  perplexity {metrics['val/perplexity']:.3f}")
+        stats = "  (query BatchNorm with batch statistics)" if batch_stats else ""
+        print(f"{what} loss {metrics['val/loss']:.4f}  perplexity {metrics['val/perplexity']:.3f}{stats}")
         print("metrics: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}))
     finish_distributed()
     return metrics

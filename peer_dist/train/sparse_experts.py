@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from peer_dist.errors import ConfigError
 from peer_dist.model.peer import PEER
-from peer_dist.model.retrieval import QueryBatchNorm
+from peer_dist.model.retrieval import batch_statistics
 
 
 def tfidf_scores(counts_N: Tensor, doc_freq_N: Tensor, num_docs: int) -> Tensor:
@@ -63,12 +63,8 @@ def collect_usage(model: nn.Module, batches: Iterable[Tensor], batch_stats: bool
     stats = {name: {"counts": torch.zeros(m.num_experts, dtype=torch.float64),
                     "doc_freq": torch.zeros(m.num_experts, dtype=torch.float64)} for name, m in layers}
     model.eval()
-    norms = [m for m in model.modules() if isinstance(m, QueryBatchNorm)] if batch_stats else []
-    saved = [(m.momentum, m.training, m.num_batches_tracked.clone()) for m in norms]
-    for m in norms:
-        m.momentum, m.training = 0.0, True  # batch statistics; running ones unchanged (momentum 0)
     num, tokens = 0, 0
-    with torch.no_grad():
+    with torch.no_grad(), batch_statistics(model, batch_stats):
         for batch in batches:
             for _, m in layers:
                 m.reset_usage()
@@ -82,9 +78,6 @@ def collect_usage(model: nn.Module, batches: Iterable[Tensor], batch_stats: bool
                 stats[name]["doc_freq"] += counts.gt(0).double()
     for _, m in layers:
         m.track_usage(False)
-    for m, (momentum, training, tracked) in zip(norms, saved):
-        m.momentum, m.training = momentum, training
-        m.num_batches_tracked.copy_(tracked)
     return {"layers": stats, "batches": num, "tokens": tokens * dist.get_world_size(), "batch_stats": batch_stats}
 
 
