@@ -20,8 +20,8 @@ from peer_dist.config import from_dict, validate
 from peer_dist.data import Manifest, val_batches
 from peer_dist.errors import ConfigError, DataError
 from peer_dist.log import get_logger, setup_logging
-from peer_dist.model.retrieval import batch_statistics
 from peer_dist.inference.loading import model_from_state
+from peer_dist.model.retrieval import batch_statistics
 from peer_dist.parallel.env import detect_env, finish_distributed, init_distributed, pick_backend, pick_device
 from peer_dist.train.metrics import evaluate
 
