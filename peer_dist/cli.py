@@ -63,14 +63,16 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from peer_dist.train.signals import EXIT_PREEMPTED, PreemptionHandler
+
+    stop = PreemptionHandler().install()  # first, before torch loads: a stop signal during start-up is kept
+
     from peer_dist.config import load_config
     from peer_dist.train.trainer import run_training
 
-    from peer_dist.train.signals import EXIT_PREEMPTED
-
     overrides = list(args.overrides) + ([f"train.init_from={args.init_from}"] if args.init_from else [])
     cfg = load_config(args.config, overrides)
-    result = run_training(cfg)
+    result = run_training(cfg, stop)
     return EXIT_PREEMPTED if result.preempted else 0
 
 

@@ -161,6 +161,24 @@ def test_handler_records_a_real_signal_and_restores_previous_handlers() -> None:
         signal.signal(signal.SIGUSR1, old)
 
 
+def test_switch_to_hands_back_dropped_signals_and_redelivers_one_that_came() -> None:
+    seen: list[int] = []
+    old = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    try:
+        handler = PreemptionHandler(["SIGUSR1", "SIGUSR2"]).install()
+        os.kill(os.getpid(), signal.SIGUSR2)  # arrives before the config's set is known
+        assert handler.received == signal.SIGUSR2 and seen == []
+        handler.switch_to(["SIGUSR1", "SIGHUP"])  # the config: SIGUSR2 is no stop signal, SIGHUP is
+        assert seen == [signal.SIGUSR2]  # delivered again, to the handler it would have reached
+        assert handler.received is None and not handler.stop_requested()
+        os.kill(os.getpid(), signal.SIGHUP)  # installed by the switch: recorded, not the default (terminate)
+        assert handler.received == signal.SIGHUP and handler.stop_requested()
+        handler.close()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+
+
 def test_exit_code_is_distinct_and_matches_the_sbatch_template() -> None:
     from peer_dist.errors import EXIT_USER_ERROR
 

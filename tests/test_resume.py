@@ -177,6 +177,56 @@ def test_ctrl_c_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path, tiny_da
     _assert_matches(run, uninterrupted["one"])
 
 
+# Runs `peer-dist train ARGS...` with a SIGTERM sent to itself at a point of start-up: while
+# the config loads (before the config's stop signals are in place) or while DeepSpeed builds
+# the engine (set-up). Only the signal's timing is arranged; everything else is the real command.
+_SIGNAL_DURING_START_UP = r"""
+import os, signal, sys
+import peer_dist.config, peer_dist.train.trainer as trainer
+
+def signalled(real):
+    def call(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    return call
+
+if sys.argv[1] == "config":
+    peer_dist.config.load_config = signalled(peer_dist.config.load_config)
+else:
+    trainer.build_engine = signalled(trainer.build_engine)
+from peer_dist.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _signal_during_start_up(where: str, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _SIGNAL_DURING_START_UP, where, *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("where", ["config", "engine"])
+def test_sigterm_during_start_up_is_kept_and_the_run_stops_after_one_step(
+        tmp_path: Path, tiny_data: Path, uninterrupted: dict[str, Path], where: str) -> None:
+    extra = ["train.micro_batch_size=8"]
+    first = _signal_during_start_up(where, _args(tiny_data, tmp_path, "interrupted", extra))
+    # without the early handler the default action would end the process: returncode -15, no checkpoint
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert "stop requested (got SIGTERM)" in first.stderr
+    run = tmp_path / "interrupted"
+    assert _stopped_step(run, first) == 1 and max(_losses_by_step(run)) == 1  # steps are left to resume
+    assert _first_step(_resume(tmp_path, tiny_data, extra, 1)) == 1
+    _assert_matches(run, uninterrupted["one"])
+
+
+@pytest.mark.timeout(200)
+def test_sigterm_during_start_up_terminates_when_it_is_not_a_stop_signal(tmp_path: Path, tiny_data: Path) -> None:
+    args = _args(tiny_data, tmp_path, "run", ["train.micro_batch_size=8", 'train.stop_signals=["SIGUSR1"]'])
+    first = _signal_during_start_up("config", args)
+    assert first.returncode == -signal.SIGTERM, first.stderr[-3000:]  # its default action, as configured
+    assert not (tmp_path / "run").exists()  # it ended before set-up: nothing was written
+
+
 @pytest.mark.timeout(400)
 def test_second_ctrl_c_aborts_at_once_and_keeps_the_last_checkpoint(tmp_path: Path, tiny_data: Path,
                                                                     uninterrupted: dict[str, Path]) -> None:

@@ -377,10 +377,14 @@ sizes = [ { name = "n16" }, { name = "h4", model.peer.heads = 4 } ]
     cmd = [sys.executable, "-m", "peer_dist.cli", "sweep", str(spec), "-o", str(out), f"data.path={tiny_data}",
            "--jobs", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = out / "runs" / "b3.6e9-peer-n16" / "metrics.jsonl"
+    metrics = [out / "runs" / f"b3.6e9-peer-{size}" / "metrics.jsonl" for size in ("n16", "h4")]
+
+    def logged(path: Path) -> int:
+        return sum('"train/loss"' in line for line in path.read_text().splitlines()) if path.is_file() else 0
+
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.is_file() and sum('"train/loss"' in line for line in metrics.read_text().splitlines()) >= 6:
+        if min(logged(path) for path in metrics) >= 3:  # both jobs are training
             break
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGTERM)

@@ -28,14 +28,14 @@ import subprocess
 import threading
 from collections.abc import Iterable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
-
-from peer_dist.specs import parse_signal
 from peer_dist.log import get_logger
-from peer_dist.parallel.env import flag_device
+from peer_dist.specs import parse_signal
+
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
 
 # Exit code of a run that stopped on a signal after writing a checkpoint: "try again
 # later" (EX_TEMPFAIL in sysexits.h). Distinct from 0 (finished: Slurm would mark the
@@ -87,6 +87,28 @@ class PreemptionHandler:
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
 
+    def switch_to(self, signals: Iterable[str | int]) -> PreemptionHandler:
+        """Handle exactly ``signals`` from now on: install the new ones, put back the others.
+
+        ``peer-dist train`` installs the default set before it loads torch and reads the
+        config, so that a stop signal during start-up is not lost; the config's
+        ``train.stop_signals`` then replaces it. A signal that came in the meantime and is
+        not in the config's set is delivered again to its own handler, as if it had arrived
+        now (SIGTERM terminates, SIGINT raises KeyboardInterrupt).
+        """
+        wanted = tuple(dict.fromkeys(parse_signal(s) for s in signals))
+        installed = bool(self._previous)
+        for sig in [s for s in self._previous if s not in wanted]:
+            previous = self._previous.pop(sig)
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self.signals = wanted
+        if installed:
+            self.install()
+        if self.received is not None and self.received not in wanted:
+            late, self.received, self._local, self._interrupted = self.received, None, False, False
+            signal.raise_signal(late)
+        return self
+
     def __enter__(self) -> PreemptionHandler:
         return self.install()
 
@@ -123,6 +145,11 @@ class PreemptionHandler:
         it is this process's own flag. ``device``: where the flag tensor lives (default:
         the current CUDA device for NCCL, the CPU otherwise).
         """
+        import torch  # here, not at the top: `peer-dist train` installs the handler before torch loads
+        import torch.distributed as dist
+
+        from peer_dist.parallel.env import flag_device
+
         if not (dist.is_available() and dist.is_initialized()):
             stop = self._local
         else:

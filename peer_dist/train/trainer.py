@@ -85,17 +85,24 @@ class _Setup:
     selector: ExpertSelector | None = None  # train.sparse_experts: which expert rows a step updates
 
 
-def run_training(cfg: Config) -> TrainResult:
+def run_training(cfg: Config, stop: PreemptionHandler | None = None) -> TrainResult:
     """Train ``cfg`` in this process; every rank of the job calls it.
 
-    The stop-signal handlers stay installed until the process exits: Slurm sends
-    SIGTERM again while a requeued job shuts down, and the default action would turn
-    the documented exit code 75 into a kill. The run folder's lease is taken before
-    anything reads or writes the folder and given up on the way out, whatever the way.
+    ``stop``: a handler the caller installed earlier (``peer-dist train`` does, before
+    torch loads); it is switched to ``cfg.train.stop_signals``. The handlers are in place
+    before set-up, so a stop signal during set-up (process group, DeepSpeed engine, resume)
+    is kept and acted on at the first step's check: one step, a checkpoint, exit 75. They
+    stay installed until the process exits: Slurm sends SIGTERM again while a requeued job
+    shuts down, and the default action would turn the documented exit code 75 into a
+    kill. The run folder's lease is taken before anything reads or writes the folder and
+    given up on the way out, whatever the way.
     """
+    if stop is None:
+        stop = PreemptionHandler(cfg.train.stop_signals).install()
+    else:
+        stop.switch_to(cfg.train.stop_signals)
     setup = _set_up(cfg)
     setup.lease = take_run_lease(cfg.run_dir)  # refuses (every rank, exit 2) if another job holds it
-    stop = PreemptionHandler(cfg.train.stop_signals).install()
     try:
         result = _train(cfg, setup, stop)
     finally:
