@@ -114,6 +114,11 @@ class DataConfig:
     # What validation (the val/* metrics) evaluates on: the validation split, or the tuning split of data
     # prepared with --tune-fraction (hyperparameter search kept apart from the reported split).
     eval_split: str = _choice("val", ("val", "tune"))
+    # Training sample order: shards are visited in a shuffled order, this many at a time, and the
+    # samples of those shards are shuffled together, so every batch mixes this many stretches of the
+    # corpus (peer_dist/data/order.py). 1 = one shard at a time (the order before this key existed).
+    # Memory: shuffle_shards + 1 decoded shards per loader process.
+    shuffle_shards: int = _at_least(16, 1)
 
 
 @dataclass
@@ -573,9 +578,11 @@ RESUME_SAFE_KEYS = (
 )
 
 
-# Keys added after runs were checkpointed whose default leaves a run as it was: at their default
-# they are left out of the hash, so a checkpoint written before they existed still resumes.
+# Keys added after runs were checkpointed, with the value that leaves a run as it was (their default,
+# except data.shuffle_shards): at that value they are left out of the hash, so a checkpoint written
+# before they existed still resumes with it.
 HASHED_UNLESS_DEFAULT = {
+    "data.shuffle_shards": 1,
     "model.peer.grown_from": 0, "model.add_peer": "none", "model.add_peer_blocks": "middle",
     "train.old_expert_lr_scale": 1.0, "train.trainable": "all", "train.sparse_experts": 0,
     "train.sparse_experts_background": "", "train.sparse_experts_select": "step", "train.sparse_experts_target": "",

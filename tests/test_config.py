@@ -88,16 +88,20 @@ def test_hash_ignores_resume_safe_keys_only() -> None:
 
 
 def test_keys_added_later_leave_old_hashes_alone_at_their_default() -> None:
-    """The default config's hash as written by checkpoints before the lifelong-learning keys existed
-    (a run saved then must still resume); setting one of those keys changes the hash."""
+    """The default config's hash as written by checkpoints before the lifelong-learning keys and
+    data.shuffle_shards existed (a run saved then must still resume, with data.shuffle_shards=1, the
+    order it trained on); setting one of those keys otherwise changes the hash."""
     from peer_dist.config import HASHED_UNLESS_DEFAULT
 
-    assert config_hash(load_config(None, [])) == "a0bbe31e9c74ead7"
-    base = config_hash(load_config(None, []))
+    old_order = ["data.shuffle_shards=1"]
+    base = config_hash(load_config(None, old_order))
+    assert base == "a0bbe31e9c74ead7"
     for key in HASHED_UNLESS_DEFAULT:
-        assert config_hash(load_config(None, [f"{key}={HASHED_UNLESS_DEFAULT[key]}"])) == base, key
-    for override in ("train.trainable=peer", "model.add_peer=residual", "train.sparse_experts_select=phase"):
-        assert config_hash(load_config(None, [override])) != base, override
+        assert config_hash(load_config(None, [*old_order, f"{key}={HASHED_UNLESS_DEFAULT[key]}"])) == base, key
+    for override in ("train.trainable=peer", "model.add_peer=residual", "train.sparse_experts_select=phase",
+                     "data.shuffle_shards=16"):
+        assert config_hash(load_config(None, [*old_order, override])) != base, override
+    assert config_hash(load_config(None, [])) != base  # the default mixes 16 shards: another sample order
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))

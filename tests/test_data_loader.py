@@ -11,6 +11,7 @@ import random
 import shutil
 import tarfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,55 @@ def test_sample_order_is_the_documented_function(data: Path) -> None:
         assert [order.locate(epoch * n + p) for p in range(n)] == expected
     # A full epoch visits every (shard, sample) exactly once.
     assert sorted(order.locate(g) for g in range(n)) == [(k, i) for k, c in enumerate(counts) for i in range(c)]
+
+
+def _mixed_sequence(counts: list[int], seed: int, epoch: int, width: int) -> list[tuple[int, int]]:
+    """One epoch of the mixed order (data.shuffle_shards = width), by the documented definition."""
+    order = np.random.default_rng([seed, epoch, 0]).permutation(len(counts))
+    out = []
+    for j, first in enumerate(range(0, len(order), width)):
+        group = [(int(k), i) for k in order[first:first + width] for i in range(counts[k])]
+        out += [group[q] for q in np.random.default_rng([seed, epoch, 2, j]).permutation(len(group))]
+    return out
+
+
+@pytest.mark.parametrize("width", [2, 5, 13, 40])
+def test_mixed_sample_order_is_the_documented_function(data: Path, width: int) -> None:
+    counts = [s.samples for s in Manifest.load(data).shards("train")]  # 13 shards: 5 leaves a smaller last group
+    order = SampleOrder(counts, seed=5, shuffle_shards=width)
+    n = sum(counts)
+    for epoch in (0, 1):
+        assert [order.locate(epoch * n + p) for p in range(n)] == _mixed_sequence(counts, 5, epoch, width)
+    assert sorted(order.locate(g) for g in range(n)) == [(k, i) for k, c in enumerate(counts) for i in range(c)]
+
+
+def test_mixing_spreads_every_batch_over_the_group_and_streams_the_documented_rows(data: Path) -> None:
+    shards = _shard_rows(data, "train")
+    counts = [len(x) for x in shards]
+    micro, steps, width = 8, 6, 4
+    one = _take(TrainStream(data, rank=0, world=1, micro_batch_size=micro, seed=7), steps)
+    mixed = _take(TrainStream(data, rank=0, world=1, micro_batch_size=micro, seed=7, shuffle_shards=width,
+                              num_workers=2), steps)
+    sequence = _mixed_sequence(counts, 7, 0, width)
+    expected = np.stack([shards[k][i] for k, i in sequence[:micro * steps]]).astype(np.int64)
+    np.testing.assert_array_equal(torch.cat(mixed).numpy(), expected)
+
+    def shards_per_batch(locate: Callable[[int], tuple[int, int]]) -> list[int]:
+        return [len({locate(b * micro + r)[0] for r in range(micro)}) for b in range(steps)]
+
+    assert max(shards_per_batch(SampleOrder(counts, seed=7).locate)) <= 2  # one shard at a time (or its boundary)
+    assert min(shards_per_batch(sequence.__getitem__)) >= 3  # mixed: every batch draws on several of the 4 shards
+    assert len(one) == steps and not np.array_equal(torch.cat(one).numpy(), expected)
+
+
+def test_a_checkpoint_from_before_mixing_continues_only_one_shard_at_a_time() -> None:
+    from peer_dist.data.order import check_sample_order
+    from peer_dist.errors import CheckpointError
+
+    check_sample_order({"step": 3}, 1, "run folder r", "step_000003")  # no key: written reading one shard at a time
+    check_sample_order({"shuffle_shards": 16}, 16, "run folder r", "step_000003")
+    with pytest.raises(CheckpointError, match="trained with data.shuffle_shards=1, this run has data.shuffle_shards=16"):
+        check_sample_order({"step": 3}, 16, "run folder r", "step_000003")
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

@@ -159,6 +159,21 @@ def test_resume_refuses_a_different_run(tmp_path: Path, tiny_data: Path, referen
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.timeout(300)
+def test_resume_refuses_another_sample_order(tmp_path: Path, tiny_data: Path, reference: Path) -> None:
+    import shutil
+
+    run = tmp_path / "ref"
+    shutil.copytree(reference, run)  # trained with the default data.shuffle_shards = 16
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = run_cli(["train", *TINY, f"data.path={tiny_data}", f"run.dir={tmp_path}", "run.name=ref",
+                    "train.max_steps=6", "data.shuffle_shards=1"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "trained with data.shuffle_shards=16, this run has data.shuffle_shards=1" in proc.stderr
+    assert "continue it with data.shuffle_shards=16" in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_output_to_a_log_file_is_lines_and_a_summary(tmp_path: Path, tiny_data: Path) -> None:
     """Not a terminal (as under Slurm or nohup): no progress-bar frames, no DeepSpeed accelerator
     guess, and the summary names the tokens trained, the wall time and the final checkpoint."""

@@ -49,7 +49,7 @@ from peer_dist.log import get_logger
 BAD_SHARD_POLICIES = ("error", "skip")
 EVAL_SPLITS = ("val", "tune")  # data.eval_split: what validation evaluates on
 VERIFY_MODES = (True, False, "upfront")  # data.verify: check each shard as read / not / also all before step 1
-_SHARD_CACHE = 2  # decoded shards kept per process: the current one and its neighbour
+_SHARD_CACHE = 2  # decoded shards kept per process: the current one and its neighbour (one shard at a time)
 
 
 class ShardProblem(Exception):
@@ -68,8 +68,8 @@ class ShardReader:
     """Reads, verifies and decodes shards of one split; keeps the last few decoded."""
 
     def __init__(self, manifest: Manifest, split: str, verify: bool, read_retries: int = 0,
-                 retry_wait_s: float = 0.5) -> None:
-        self.manifest, self.split, self.verify = manifest, split, verify
+                 retry_wait_s: float = 0.5, cache: int = _SHARD_CACHE) -> None:
+        self.manifest, self.split, self.verify, self.cache = manifest, split, verify, cache
         self.read_retries, self.retry_wait_s = read_retries, retry_wait_s
         self.infos = manifest.shards(split)
         self.reads = ReadStats()  # retries and failed reads of this process
@@ -82,7 +82,7 @@ class ShardReader:
             return self._cache[shard]
         rows = self._load(shard)
         self._cache[shard] = rows
-        if len(self._cache) > _SHARD_CACHE:
+        if len(self._cache) > self.cache:
             self._cache.popitem(last=False)
         return rows
 
@@ -162,7 +162,10 @@ class _MicroBatches(torch.utils.data.Dataset):
                  grad_accum: int, bad_shard: str, verify: bool, read_retries: int, retry_wait_s: float) -> None:
         self.order, self.rank, self.world = order, rank, world
         self.micro_batch_size, self.grad_accum, self.bad_shard = micro_batch_size, grad_accum, bad_shard
-        self.reader = ShardReader(manifest, "train", verify, read_retries, retry_wait_s)
+        # A micro-batch's samples are consecutive in the order: the shards of one group, then
+        # (at a group's end) those of the next, never back and forth; one group plus one fits.
+        self.reader = ShardReader(manifest, "train", verify, read_retries, retry_wait_s,
+                                  cache=max(_SHARD_CACHE, order.shuffle_shards + 1))
         self.bad: set[int] = set()
 
     def __getitem__(self, j: int) -> tuple[torch.Tensor, frozenset[str], int, ReadStats] | _Failure:
@@ -236,12 +239,15 @@ class TrainStream:
 
     def __init__(self, data_dir: str | Path, rank: int, world: int, micro_batch_size: int, grad_accum: int = 1,
                  seed: int = 0, start_step: int = 0, num_workers: int = 0, bad_shard: str = "error",
-                 verify: bool | str = True, read_retries: int = 3, retry_wait_s: float = 0.5) -> None:
+                 verify: bool | str = True, read_retries: int = 3, retry_wait_s: float = 0.5,
+                 shuffle_shards: int = 1) -> None:
         if bad_shard not in BAD_SHARD_POLICIES:
             raise DataError(f"data.bad_shard={bad_shard!r} is not a policy; allowed: {', '.join(BAD_SHARD_POLICIES)}")
         _check_retries(read_retries, retry_wait_s)
         if not 0 <= rank < world:
             raise DataError(f"rank={rank}, world={world}: the rank must be in 0..world-1")
+        if shuffle_shards < 1:
+            raise DataError(f"data.shuffle_shards={shuffle_shards}: must be at least 1 (1 = one shard at a time)")
         if micro_batch_size < 1 or grad_accum < 1 or start_step < 0 or num_workers < 0:
             raise DataError(f"micro_batch_size={micro_batch_size}, grad_accum={grad_accum} must be >= 1, "
                             f"start_step={start_step}, num_workers={num_workers} >= 0")
@@ -254,7 +260,7 @@ class TrainStream:
             raise DataError(f"data.verify={verify!r} is not known; allowed: {', '.join(map(repr, VERIFY_MODES))}")
         if verify == "upfront":
             verify_upfront(self.manifest, rank, world, bad_shard, read_retries)
-        self.order = SampleOrder([s.samples for s in shards], seed)
+        self.order = SampleOrder([s.samples for s in shards], seed, shuffle_shards)
         self.rank, self.world, self.seed = rank, world, seed
         self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
         self.global_batch = micro_batch_size * grad_accum * world
@@ -276,7 +282,7 @@ class TrainStream:
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed_samples": self.consumed_samples, "global_batch": self.global_batch, "seed": self.seed,
-                **self.stats, **self.read_stats}
+                "shuffle_shards": self.order.shuffle_shards, **self.stats, **self.read_stats}
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         dataset = _MicroBatches(self.manifest, self.order, self.rank, self.world, self.micro_batch_size,

@@ -82,6 +82,7 @@ def run_state(run: PlannedRun) -> RunState:
     Raises CheckpointError when the folder holds a run of another configuration.
     """
     from peer_dist.checkpoint.store import list_checkpoints
+    from peer_dist.data.order import check_sample_order
 
     if run.waiting:  # its learning rate is not chosen yet: its folder is checked once it is
         return RunState("waiting")
@@ -93,6 +94,7 @@ def run_state(run: PlannedRun) -> RunState:
         state = newest.trainer_state()
     except (OSError, ValueError):  # a damaged checkpoint: the trainer falls back to an older one
         return RunState("resume", newest.step)
+    check_sample_order(state, run.cfg.data.shuffle_shards, f"run folder {run.run_dir}", newest.path.name)
     expected = {"config_hash": run.config_hash, "global_batch": run.global_batch,
                 "data_fingerprint": run.data_fingerprint}
     for key, value in expected.items():

@@ -32,6 +32,7 @@ from peer_dist.checkpoint.store import (
 )
 from peer_dist.config import Config, config_hash, dump_toml, hashed_differences, load_config, model_differences
 from peer_dist.data import Manifest, TrainStream, val_batches
+from peer_dist.data.order import check_sample_order
 from peer_dist.errors import CheckpointError, ConfigError, DataError
 from peer_dist.log import get_logger, setup_logging
 from peer_dist.model import ExpertPlacement, build_model, lm_loss
@@ -235,6 +236,7 @@ def _resume(cfg: Config, setup: _Setup, plan: FaultPlan) -> dict[str, Any]:
         raise ConfigError(f"train.max_steps={cfg.train.max_steps} is below the step of the checkpoint to resume "
                           f"({ckpt.path.name}, step {state['step']}): raise train.max_steps to continue, or pick a "
                           "new run.name to start over")
+    check_sample_order(state, cfg.data.shuffle_shards, f"run folder {cfg.run_dir}", ckpt.path.name)
     for key, value in expected.items():
         if state.get(key) != value:
             hint = ("micro_batch_size x grad_accum x (world / parallel.tp) must stay the same"
@@ -413,7 +415,7 @@ def _open_data(cfg: Config, setup: _Setup, loop: _Loop) -> None:
             cfg.data.path, rank=layout.dp_index(setup.env.rank), world=layout.dp, micro_batch_size=t.micro_batch_size,
             grad_accum=t.grad_accum, seed=t.seed, start_step=start, num_workers=cfg.data.num_workers,
             bad_shard=cfg.data.bad_shard, verify=cfg.data.verify, read_retries=cfg.data.read_retries,
-            retry_wait_s=cfg.data.retry_wait_s,
+            retry_wait_s=cfg.data.retry_wait_s, shuffle_shards=cfg.data.shuffle_shards,
         )
         loop.streams.append(stream)
         return stream
@@ -651,7 +653,7 @@ def _save(cfg: Config, setup: _Setup, loop: _Loop, final: bool = False) -> Path:
                          world=setup.env.world, layout=_layout_state(setup.layout),
                          expert_layout=cfg.parallel.expert_layout, global_batch=_global_batch(cfg, setup.layout),
                          statistics_batch=_statistics_batch(cfg, setup.layout), guard=loop.guard.state_dict(),
-                         data_skips=loop.skips.state_dict())
+                         data_skips=loop.skips.state_dict(), shuffle_shards=cfg.data.shuffle_shards)
 
     def on_phase(phase: str) -> None:  # also runs in the background writer, while loop.step moves on
         if phase == "commit" and setup.lease is not None:
