@@ -15,7 +15,7 @@ with ``rng = numpy.random.default_rng``. Prepared shards hold consecutive stretc
 of the corpus (documents in input order), so with S = 1 every batch comes from one
 stretch of a few hundred samples for many steps in a row: batches are correlated, and
 the running statistics of the query BatchNorms follow that stretch rather than the
-corpus. S > 1 mixes S stretches in every batch at the cost of keeping S decoded shards
+corpus. S > 1 mixes S stretches in every batch at the cost of keeping S + 1 decoded shards
 in memory per loader process. Every sample is still seen once per epoch, reads stay
 within the current group, and both levels are shuffled anew each epoch.
 
